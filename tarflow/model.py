@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A model configuration or input that cannot work, with the offending value named."""
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """exp and log-det sums in fp32 even under bf16 autocast; fp64 stays fp64 (for exactness tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -124,15 +129,19 @@ class FlowBlock(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, N, D) tokens in spatial order -> z (B, N, D) in spatial order, logdet (B,)."""
         x = self.permute(x)
+        alpha, mu = self.params(x, y)
+        z = (x - mu) * torch.exp(-at_least_fp32(alpha)).to(x.dtype)
+        return self.permute(z), -at_least_fp32(alpha).sum(dim=(1, 2))
+
+    def params(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """α, μ of every token from the whole sequence at once. x: (B, N, D) in this block's order."""
         h = self.proj_in(x) + self.permute(self.pos_embed[None]) + self.condition(y, x.shape[0])
         for layer in self.layers:
             h = layer(h)
         out = self.proj_out(h)
         # shift right: the parameters of token i come from tokens < i only
         out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
-        alpha, mu = self.split_params(out)
-        z = (x - mu) * torch.exp(-alpha.float()).to(x.dtype)
-        return self.permute(z), -alpha.float().sum(dim=(1, 2))
+        return self.split_params(out)
 
     @torch.no_grad()
     def reverse(self, z: torch.Tensor, y: torch.Tensor | None, guidance: float, annealed: bool,
@@ -169,7 +178,7 @@ class FlowBlock(nn.Module):
                 w = guidance * (i + 1) / (N - 1) if annealed else guidance
                 alpha = (1 + w) * alpha[:B] - w * alpha[B:]
                 mu = (1 + w) * mu[:B] - w * mu[B:]
-            x[:, i + 1 : i + 2] = x[:, i + 1 : i + 2] * torch.exp(alpha.float()).to(x.dtype) + mu
+            x[:, i + 1 : i + 2] = x[:, i + 1 : i + 2] * torch.exp(at_least_fp32(alpha)).to(x.dtype) + mu
         return self.permute(x)
 
 
@@ -315,7 +324,7 @@ class TarFlow(nn.Module):
         """Data -> noise. x: (B, C, H, W) -> z (B, C, H, W), logdet (B,) = log|det ∂z/∂x| in nats."""
         self.check_input(x, y)
         h = self.patchify(x)
-        logdet = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+        logdet = 0
         for block in self.blocks:
             h, ld = block(h, y)
             logdet = logdet + ld
@@ -338,8 +347,8 @@ class TarFlow(nn.Module):
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, prior_var) per sample, constant included. z: (B, C, H, W) -> (B,)."""
-        zs = self.patchify(z.float())
-        var = self.prior_var
+        zs = self.patchify(at_least_fp32(z))
+        var = self.prior_var.to(zs.dtype)
         return -0.5 * (zs.pow(2) / var + torch.log(2 * math.pi * var)).sum(dim=(1, 2))
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -351,7 +360,7 @@ class TarFlow(nn.Module):
     def update_prior(self, z: torch.Tensor, rate: float = 0.1) -> None:
         """VP variant only: running estimate of the prior variance from a batch of z."""
         if not self.config.nvp:
-            self.prior_var.lerp_(self.patchify(z.float()).pow(2).mean(0), rate)
+            self.prior_var.lerp_(self.patchify(z.float()).pow(2).mean(0).to(self.prior_var.dtype), rate)
 
     # -- accounting ------------------------------------------------------------------------------
 

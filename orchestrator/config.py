@@ -1,0 +1,187 @@
+"""Configuration: compose an experiment YAML with Hydra, check it against the typed schema, and derive
+everything a run needs (model, data and training configs, run identity) before any work starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tarflow import ConfigError, TarFlowConfig, TrainConfig
+from tarflow.data import DataConfig, dataset_info
+
+from .schema import ExperimentConfig
+
+CONF_SEARCHPATH = "pkg://orchestrator.conf"
+CODE_VERSION = "0.1"  # bump when a change makes old checkpoints incompatible: it is part of the run identity
+
+
+class ExperimentError(RuntimeError):
+    """A problem with the user's experiment, said in one paragraph that names the cause."""
+
+
+def compose_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """experiment YAML + Hydra overrides -> a typed, read-only config."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ExperimentError(f"experiment file {path} does not exist")
+    if path.suffix not in (".yaml", ".yml"):
+        raise ExperimentError(f"experiment file {path} is not a .yaml file")
+    try:
+        with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
+            raw = compose(config_name=path.stem, overrides=[f"hydra.searchpath=[{CONF_SEARCHPATH}]", *overrides])
+    except (HydraException, OmegaConfBaseException) as e:
+        bad = re.match(r"Could not override '([^']+)'", str(e))
+        if bad and "+" in str(e):
+            raise ExperimentError(f"{path.name}: unknown key '{bad.group(1)}' in the overrides. Valid keys of its "
+                                  "section are listed in orchestrator/schema.py.") from None
+        raise ExperimentError(f"{path.name}: cannot compose the config with overrides {list(overrides)}: "
+                              f"{_one_line(e)}") from None
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), raw)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        if "not in" in str(e) or type(e).__name__ == "ConfigKeyError":
+            raise ExperimentError(f"{path.name}: unknown key '{key}' (from the file or an override). "
+                                  f"Valid keys of its section are listed in orchestrator/schema.py.") from None
+        raise ExperimentError(f"{path.name}: bad value for '{key}': {_one_line(e)}") from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+# ---------------------------------------------------------------------------------------------
+# What a config means
+
+
+@dataclass
+class RunPlan:
+    """Everything derived from a config that the driver and the workers agree on."""
+
+    cfg: DictConfig
+    source: str                 # the YAML file name, for messages
+    model: TarFlowConfig
+    data: DataConfig
+    train: TrainConfig          # total_steps / warmup_steps are filled in by the worker from the data size
+    run_key: str                # hash of everything that changes the trained model
+    run_name: str               # storage-safe and unique: <experiment>-<arch>-<key>
+    display_name: str           # what MLflow shows: <experiment>/<arch>/<noise>
+    per_worker_batch: int
+    data_present: bool = True
+
+    @property
+    def experiment_name(self) -> str:
+        return self.cfg.tracking.experiment or self.cfg.experiment.name
+
+
+def data_config(cfg: DictConfig) -> DataConfig:
+    d = cfg.data
+    return DataConfig(name=d.name, root=d.root, image_size=d.image_size, fit=d.fit, channels=d.channels,
+                      flip=d.flip, limit=d.limit)
+
+
+def train_config(cfg: DictConfig, total_steps: int = 1, warmup_steps: int = 0, on_gpu: bool = False) -> TrainConfig:
+    t = cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu and t.noise == "gaussian")
+    return TrainConfig(lr=t.lr, min_lr=t.min_lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                       warmup_steps=warmup_steps, total_steps=total_steps, noise=t.noise, noise_std=t.noise_std,
+                       label_drop=t.label_drop, bf16=bf16, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
+                       compile=t.compile)
+
+
+def schedule(cfg: DictConfig, train_size: int) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, warm-up steps) for a training set of train_size images."""
+    per_epoch = max(1, train_size // cfg.train.batch_size)
+    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+    warmup = min(total, round(cfg.train.warmup_epochs * per_epoch))
+    return per_epoch, total, warmup
+
+
+def identity_of(cfg: DictConfig) -> dict:
+    """The parts of a config that change the trained model (not where it runs, is stored or tracked)."""
+    ident = OmegaConf.to_container(cfg, resolve=True)
+    for section in ("storage", "tracking", "cluster", "eval", "reference"):
+        ident.pop(section, None)
+    ident["experiment"] = {"name": cfg.experiment.name}
+    for key in ("num_workers",):
+        ident["data"].pop(key, None)
+    for key in ("log_every", "checkpoint_every"):
+        ident["train"].pop(key, None)
+    ident["code_version"] = CODE_VERSION
+    return ident
+
+
+def config_hash(cfg: DictConfig) -> str:
+    return hashlib.sha256(json.dumps(identity_of(cfg), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True) -> RunPlan:
+    """Validate the meaning of a config (model against data, training values, workers) and derive the plan.
+
+    require_data=False (dry runs) falls back to the sizes the config declares when the data is absent.
+    """
+    try:
+        data = data_config(cfg)
+        try:
+            info = dataset_info(data)
+        except ConfigError:
+            if require_data or not data.image_size:
+                raise
+            info = {"channels": data.channels or 3, "image_size": data.image_size,
+                    "num_classes": cfg.data.num_classes or 0, "absent": True}
+        if cfg.data.num_classes is not None and info["num_classes"] != cfg.data.num_classes:
+            raise ConfigError(f"data.num_classes={cfg.data.num_classes} but {data.name} at {data.root} has "
+                              f"{info['num_classes']} classes")
+        num_classes = info["num_classes"] if cfg.model.conditional else 0
+        model = TarFlowConfig.from_string(cfg.model.arch, image_size=info["image_size"], in_channels=info["channels"],
+                                          num_classes=num_classes, nvp=cfg.model.nvp, head_dim=cfg.model.head_dim)
+        if cfg.train.noise == "gaussian":
+            model.noise_std = cfg.train.noise_std
+        train = train_config(cfg)
+        if cfg.train.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {cfg.train.precision!r}")
+        if cfg.eval.attn_temp <= 0:
+            raise ConfigError(f"eval.attn_temp must be > 0, got {cfg.eval.attn_temp}")
+    except ConfigError as e:
+        raise ExperimentError(f"{source}: {e}") from None
+    workers = cfg.cluster.num_workers
+    if workers < 1:
+        raise ExperimentError(f"{source}: cluster.num_workers must be >= 1, got {workers}")
+    if cfg.train.batch_size % workers:
+        raise ExperimentError(f"{source}: train.batch_size={cfg.train.batch_size} is not divisible by "
+                              f"cluster.num_workers={workers}")
+    key = config_hash(cfg)
+    noise = f"{cfg.train.noise_std:g}" if cfg.train.noise == "gaussian" else "uniform"
+    display = cfg.tracking.run_name or f"{cfg.experiment.name}/{cfg.model.arch}/{noise}"
+    safe_name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in cfg.experiment.name)
+    return RunPlan(cfg=cfg, source=source, model=model, data=data, train=train, run_key=key,
+                   run_name=f"{safe_name}-{cfg.model.arch}-{key}", display_name=display,
+                   per_worker_batch=cfg.train.batch_size // workers, data_present=not info.get("absent"))
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """Dotted keys -> string values, for MLflow params."""
+    out = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(node)
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("reference", None)
+    walk("", container)
+    return out

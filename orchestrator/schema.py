@@ -1,0 +1,112 @@
+"""The typed schema of an experiment: every key an experiment YAML may set, with its type and default.
+
+OmegaConf checks a composed config against these dataclasses, so an unknown key or a wrong type fails
+before any work starts. Defaults here are the paper's; the YAML groups under conf/ name presets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ExperimentSection:
+    name: str = "tarflow"           # the MLflow experiment (one per YAML)
+    title: str = ""                 # what the paper calls it, e.g. "Table 2: unconditional ImageNet 64 BPD"
+    scale: str = "paper"            # set by the scale group (paper, smoke)
+
+
+@dataclass
+class ModelSection:
+    arch: str = "2-768-8-8"         # the paper's P-Ch-T-K
+    conditional: bool = False       # class-conditional on the data set's labels
+    nvp: bool = True                # affine (True) or shift-only "VP" (False)
+    head_dim: int = 64
+
+
+@dataclass
+class DataSection:
+    name: str = "fashion_mnist"     # fashion_mnist, mnist, digits, imagenet_npz, image_folder
+    root: Optional[str] = None
+    image_size: Optional[int] = None
+    fit: str = "pad"                # pad or resize, to reach image_size
+    channels: Optional[int] = None
+    flip: bool = True
+    limit: Optional[int] = None     # training images used (smoke runs)
+    val_limit: Optional[int] = None # held-out images used for BPD
+    num_workers: int = 0            # DataLoader processes per Ray worker
+    num_classes: Optional[int] = None  # what the data set is expected to have (checked; used by dry runs)
+
+
+@dataclass
+class TrainSection:
+    batch_size: int = 256           # global, across workers
+    epochs: float = 100.0
+    steps: Optional[int] = None     # overrides epochs when set
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    noise: str = "gaussian"         # gaussian or uniform (likelihood models)
+    noise_std: float = 0.05
+    label_drop: float = 0.1
+    precision: str = "auto"         # auto (bf16 on GPU for Gaussian noise), fp32, bf16
+    grad_clip: Optional[float] = None
+    ema_decay: Optional[float] = None
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 50             # steps between metric logs
+    checkpoint_every: int = 1000    # steps between checkpoints (one is always written at the end)
+
+
+@dataclass
+class EvalSection:
+    bpd: bool = True                # held-out bits/dim at the end of training
+    num_samples: int = 64           # images in the sample grid
+    guidance: float = 0.0
+    annealed_guidance: bool = False
+    attn_temp: float = 1.0
+    denoise: bool = False           # one Tweedie step with σ = train.noise_std
+    denoise_step: float = 1.0
+    sample_batch_size: int = 64
+
+
+@dataclass
+class StorageSection:
+    uri: str = "runs"               # local directory or s3://bucket/prefix
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint (MinIO, SeaweedFS); credentials from the AWS chain
+    keep_checkpoints: int = 2
+    async_upload: bool = True
+
+
+@dataclass
+class TrackingSection:
+    uri: Optional[str] = None       # MLflow server or store; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: Optional[str] = None  # default: experiment.name
+    run_name: Optional[str] = None    # default: <experiment>/<arch>/<noise>
+
+
+@dataclass
+class ClusterSection:
+    address: Optional[str] = None   # Ray cluster; default RAY_ADDRESS, else a local instance
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    num_cpus: Optional[int] = None  # CPUs of a local Ray instance started by the command
+    max_failures: int = 1           # worker-group restarts from the last checkpoint
+
+
+@dataclass
+class ExperimentConfig:
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    reference: Any = None           # the paper's numbers for this experiment (free-form, used by tables)

@@ -1,0 +1,129 @@
+"""The per-worker training loop that Ray Train runs on every rank. All math is tarflow's train_step;
+this file adds data sharding, resumption, checkpoint reports, metric logging and the final evaluation.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+import ray.train
+import ray.train.torch
+import tarflow
+from tarflow.data import load_dataset
+
+from .config import plan_run, schedule, train_config
+from .evaluation import heldout_bpd, sample_grid_png
+from .tracking import RunLogger
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def epoch_batches(dataset, epoch: int, skip_batches: int, per_worker_batch: int, rank: int, world: int,
+                  seed: int, num_workers: int) -> DataLoader:
+    """This rank's batches of one epoch, starting after the first skip_batches (resume mid-epoch)."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)[skip_batches * per_worker_batch :]
+    return DataLoader(dataset, batch_size=per_worker_batch, sampler=indices, drop_last=True,
+                      num_workers=num_workers, persistent_workers=False)
+
+
+def report(metrics: dict, state: tarflow.TrainState | None, rank: int, async_upload: bool, **extra) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (model, optimizer, step, data position)."""
+    if state is None or rank != 0:
+        ray.train.report(metrics)
+        return
+    tmp = tempfile.mkdtemp(prefix="tarflow-ckpt-")
+    tarflow.save_checkpoint(Path(tmp) / CHECKPOINT_FILE, state, **extra)
+    mode = ray.train.CheckpointUploadMode.ASYNC if async_upload else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                     checkpoint_dir_name=f"checkpoint_{state.step:08d}", checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = OmegaConf.create(config["cfg"])
+    plan = plan_run(cfg, source=config["source"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed * 1000 + rank)
+
+    train_set = load_dataset(plan.data, "train")
+    steps_per_epoch, total_steps, warmup_steps = schedule(cfg, len(train_set))
+    tcfg = train_config(cfg, total_steps=total_steps, warmup_steps=warmup_steps, on_gpu=device.type == "cuda")
+    model = tarflow.TarFlow(plan.model).to(device)
+    state = tarflow.make_train_state(model, tcfg, wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False)
+                                     if world > 1 else m)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            tarflow.restore(state, tarflow.load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device))
+    state.extra["mlflow_run_id"] = config["mlflow_run_id"]
+    logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    if logger and checkpoint is None:
+        logger.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/resolved.json")
+
+    every_log, every_ckpt = cfg.train.log_every, cfg.train.checkpoint_every
+    window = {"t": time.perf_counter(), "steps": 0, "loss": 0.0, "grad_norm": 0.0}
+    while state.step < total_steps:
+        epoch, offset = divmod(state.step, steps_per_epoch)
+        for x, y in epoch_batches(train_set, epoch, offset, plan.per_worker_batch, rank, world, cfg.train.seed,
+                                  cfg.data.num_workers):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            m = tarflow.train_step(state, x, y)
+            window["steps"] += 1
+            window["loss"] += m["loss"]
+            window["grad_norm"] += m["grad_norm"]
+            if state.step % every_log == 0 or state.step == total_steps:
+                stats = torch.tensor([window["loss"], window["grad_norm"]], device=device) / window["steps"]
+                if world > 1:
+                    dist.all_reduce(stats)
+                    stats /= world
+                elapsed = time.perf_counter() - window["t"]
+                if logger:
+                    logger.log_metrics({"loss": stats[0].item(), "grad_norm": stats[1].item(), "lr": m["lr"],
+                                        "epoch": state.step / steps_per_epoch,
+                                        "images_per_sec": window["steps"] * cfg.train.batch_size / elapsed},
+                                       step=state.step)
+                window.update(t=time.perf_counter(), steps=0, loss=0.0, grad_norm=0.0)
+            if state.step % every_ckpt == 0 or state.step == total_steps:
+                report({"step": state.step, "loss": m["loss"]}, state, rank, cfg.storage.async_upload,
+                       epoch=epoch)
+            if state.step >= total_steps:
+                break
+
+    final = evaluate(cfg, plan, state, device, rank, world, logger)
+    if logger:
+        logger.log_metrics(final, step=state.step)
+        logger.log_dict({"step": state.step, **final}, "metrics/final.json")
+    ray.train.report({"step": state.step, **final})
+
+
+def evaluate(cfg, plan, state: tarflow.TrainState, device, rank: int, world: int, logger: RunLogger | None) -> dict:
+    """Held-out BPD on all ranks; the sample grid on rank 0, logged as an artifact."""
+    model = state.ema if state.ema is not None else state.model
+    out = {}
+    if cfg.eval.bpd:
+        val = load_dataset(plan.data, "val")
+        if cfg.data.val_limit:
+            val = torch.utils.data.Subset(val, range(min(cfg.data.val_limit, len(val))))
+        out["bpd"] = heldout_bpd(model, val, plan.per_worker_batch, device, rank, world, seed=cfg.train.seed)
+    if logger and cfg.eval.num_samples > 0:
+        e = cfg.eval
+        with tempfile.TemporaryDirectory() as tmp:
+            path = sample_grid_png(model, Path(tmp) / "samples.png", e.num_samples, e.sample_batch_size, device,
+                                   plan.model.num_classes, e.guidance, e.annealed_guidance, e.attn_temp,
+                                   cfg.train.noise_std if e.denoise and cfg.train.noise == "gaussian" else None,
+                                   e.denoise_step, seed=cfg.train.seed)
+            logger.log_artifact(path, "samples")
+    return out

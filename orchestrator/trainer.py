@@ -1,0 +1,64 @@
+"""Ray: joining or starting a cluster, and the TorchTrainer that runs one training run."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import ray.train
+from omegaconf import OmegaConf
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from .config import ExperimentError, RunPlan
+from .storage import RunStorage
+from .train_loop import train_loop_per_worker
+
+
+def ray_address(cfg) -> str:
+    return cfg.cluster.address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def init_ray(cfg) -> None:
+    """Join the configured cluster, or start a local instance sized by cluster.num_cpus."""
+    if ray.is_initialized():
+        return
+    address = ray_address(cfg)
+    kwargs = dict(address=address, log_to_driver=True, configure_logging=False)
+    if address == "local":
+        kwargs.update(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1,
+                                                            _cpus_needed(cfg)), include_dashboard=None)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ExperimentError(f"cannot reach the Ray cluster at {address}: {' '.join(str(e).split())[:300]}") from None
+
+
+def _cpus_needed(cfg) -> int:
+    return int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker) + 1
+
+
+def scaling_config(cfg) -> ray.train.ScalingConfig:
+    c = cfg.cluster
+    resources = {"CPU": c.cpus_per_worker}
+    if c.use_gpu:
+        resources["GPU"] = c.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources)
+
+
+def build_trainer(plan: RunPlan, storage: RunStorage, tracking_uri: str, mlflow_run_id: str) -> TorchTrainer:
+    cfg = plan.cfg
+    fs, root = storage.filesystem_and_root()
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "source": plan.source,
+                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        scaling_config=scaling_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=plan.run_name,
+            storage_path=root,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+        ),
+    )

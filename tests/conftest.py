@@ -1,0 +1,96 @@
+"""Shared fixtures: real S3 and MLflow servers on 127.0.0.1 (session-scoped, started on demand)."""
+
+import os
+
+# Before anything imports ray / mlflow.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import itertools  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+
+from orchestrator.services import Service, create_bucket, s3_client, start_mlflow_server, start_s3_server  # noqa: E402
+
+S3_ACCESS_KEY = "testkey"
+S3_SECRET_KEY = "testsecret"
+S3_REGION = "us-east-1"
+
+
+@dataclass
+class S3Server:
+    """What tests need to talk to the session's S3 server."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    kind: str  # "seaweedfs" or "moto"
+    service: Service
+    region: str = S3_REGION
+
+    def __post_init__(self) -> None:
+        self._counter = itertools.count()
+
+    def client(self, **kw):
+        """boto3 S3 client with this server's credentials (override with access_key=/secret_key=)."""
+        return s3_client(self.endpoint_url, kw.pop("access_key", self.access_key),
+                         kw.pop("secret_key", self.secret_key), region=self.region, **kw)
+
+    def make_bucket(self, prefix: str = "test") -> str:
+        """Create and return a fresh, uniquely named bucket."""
+        name = f"{prefix}-{next(self._counter)}-{uuid.uuid4().hex[:8]}".lower()
+        create_bucket(self.endpoint_url, name, self.access_key, self.secret_key)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS if available, else moto; force with TARFLOW_TEST_S3_KIND).
+
+    Also exports AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION for the
+    session (restored afterwards), so boto3 and servers started later pick them up.
+    """
+    kind = os.environ.get("TARFLOW_TEST_S3_KIND", "auto")
+    svc = start_s3_server(tmp_path_factory.mktemp("s3"), kind=kind,
+                          access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+            mp.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+            mp.setenv("AWS_DEFAULT_REGION", S3_REGION)
+            yield S3Server(endpoint_url=svc.url, access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY,
+                           kind=svc.kind, service=svc)
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """Tracking URI of a real `mlflow server` (sqlite backend, artifacts proxied to a local dir)."""
+    svc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield svc.url
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_s3_bucket(s3_server):
+    """The bucket that `mlflow_server_s3` stores artifacts in (under the prefix "mlartifacts")."""
+    return s3_server.make_bucket("mlflow")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_s3(tmp_path_factory, s3_server, mlflow_s3_bucket):
+    """Tracking URI of a real `mlflow server` whose artifacts go to s3://<mlflow_s3_bucket>/mlartifacts."""
+    svc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-s3"),
+                              artifacts_destination=f"s3://{mlflow_s3_bucket}/mlartifacts",
+                              s3_endpoint=s3_server.endpoint_url)
+    try:
+        yield svc.url
+    finally:
+        svc.stop()
