@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -28,6 +29,11 @@ class ExperimentError(RuntimeError):
     """A problem with the user's experiment, said in one paragraph that names the cause."""
 
 
+def register_schema() -> None:
+    # base.yaml starts from this node, so Hydra itself knows every key and type while composing
+    ConfigStore.instance().store(name="tarflow_schema", node=ExperimentConfig)
+
+
 def compose_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """experiment YAML + Hydra overrides -> a typed, read-only config."""
     path = Path(path).expanduser().resolve()
@@ -35,30 +41,32 @@ def compose_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] 
         raise ExperimentError(f"experiment file {path} does not exist")
     if path.suffix not in (".yaml", ".yml"):
         raise ExperimentError(f"experiment file {path} is not a .yaml file")
+    register_schema()
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
             raw = compose(config_name=path.stem, overrides=[f"hydra.searchpath=[{CONF_SEARCHPATH}]", *overrides])
+        cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), raw)  # also for YAMLs without base
     except (HydraException, OmegaConfBaseException) as e:
-        bad = re.match(r"Could not override '([^']+)'", str(e))
-        if bad and "+" in str(e):
-            raise ExperimentError(f"{path.name}: unknown key '{bad.group(1)}' in the overrides. Valid keys of its "
-                                  "section are listed in orchestrator/schema.py.") from None
-        raise ExperimentError(f"{path.name}: cannot compose the config with overrides {list(overrides)}: "
-                              f"{_one_line(e)}") from None
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), raw)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        if "not in" in str(e) or type(e).__name__ == "ConfigKeyError":
-            raise ExperimentError(f"{path.name}: unknown key '{key}' (from the file or an override). "
-                                  f"Valid keys of its section are listed in orchestrator/schema.py.") from None
-        raise ExperimentError(f"{path.name}: bad value for '{key}': {_one_line(e)}") from None
+        raise ExperimentError(f"{path.name}: {_explain(e, overrides)}") from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
+def _explain(e: Exception, overrides) -> str:
+    """Hydra's and OmegaConf's errors, reduced to the key at fault and what is wrong with it."""
+    chain = [e]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    text = " ".join(" ".join(str(x).split()) for x in chain)
+    key = next((x.full_key for x in chain if getattr(x, "full_key", None)), None) or next(iter(re.findall(r"full_key: (\S+)", text)), None)
+    override = re.search(r"Could not override '([^']+)'", text)
+    if override or "not in" in text or "is not in struct" in text:
+        key = override.group(1) if override else key
+        return (f"unknown key '{key}' (in the file or the overrides {list(overrides)}); the valid keys of each "
+                "section are in orchestrator/schema.py")
+    if key:
+        return f"bad value for '{key}': {text.split(' full_key:')[0]}"
+    return f"cannot compose the config with overrides {list(overrides)}: {text}"
 
 
 # ---------------------------------------------------------------------------------------------

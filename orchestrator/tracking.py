@@ -107,6 +107,9 @@ class RunLogger:
             for m in fresh:
                 self.last_step[m.key] = step
 
+    def set_tags(self, tags: dict) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 

@@ -69,9 +69,20 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             tarflow.restore(state, tarflow.load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device))
     state.extra["mlflow_run_id"] = config["mlflow_run_id"]
+    nodes = [None] * world
+    node = ray.get_runtime_context().get_node_id()
+    if world > 1:
+        dist.all_gather_object(nodes, node)
+    else:
+        nodes = [node]
     logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
-    if logger and checkpoint is None:
-        logger.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/resolved.json")
+    if logger:
+        logger.set_tags({"ray.world_size": world, "ray.num_nodes": len(set(nodes)),
+                         "ray.worker_nodes": ",".join(n[:12] for n in nodes)})
+        if checkpoint is None:
+            logger.log_dict(OmegaConf.to_container(cfg, resolve=True), "config/resolved.json")
+        else:
+            logger.log_metrics({"resumed_from_step": state.step}, step=state.step)
 
     every_log, every_ckpt = cfg.train.log_every, cfg.train.checkpoint_every
     window = {"t": time.perf_counter(), "steps": 0, "loss": 0.0, "grad_norm": 0.0}

@@ -94,3 +94,19 @@ def mlflow_server_s3(tmp_path_factory, s3_server, mlflow_s3_bucket):
         yield svc.url
     finally:
         svc.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real multi-node Ray cluster on this machine: a head with no CPUs and two 1-CPU nodes, so the
+    two training workers of a run land on different nodes. Yields its address for `cluster.address=`."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, object_store_memory=100_000_000)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()

@@ -1,0 +1,182 @@
+"""The orchestrated run, driven the way users drive it: `python -m orchestrator.run ...` against real
+services (S3-compatible server, `mlflow server`, a multi-node Ray cluster) started on 127.0.0.1."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.services import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE2 = str(ROOT / "experiments" / "table2.yaml")
+TINY = ["scale=smoke", "data.limit=512", "data.val_limit=128", "eval.num_samples=4", "eval.sample_batch_size=4",
+        "train.batch_size=32"]
+
+
+def cli(args, cwd, timeout=600, **env):
+    return subprocess.run([sys.executable, "-m", "orchestrator.run", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **env})
+
+
+def start_cli(args, cwd, log: Path):
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.run", *args], cwd=cwd, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def runs_of(tracking_uri, experiment="table2"):
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
+
+
+def steps_of(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+# -- bad input: a clear one-paragraph error, non-zero exit, nothing written --------------------------
+
+
+def assert_clean_failure(result, cwd: Path, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert sorted(p.name for p in cwd.iterdir()) == [], "a failed start must not leave files behind"
+
+
+def test_unknown_key_in_the_yaml_names_key_and_file(tmp_path):
+    exp = tmp_path / "exp" / "mine.yaml"
+    exp.parent.mkdir()
+    exp.write_text("defaults:\n  - base\n  - _self_\n  - scale: smoke\ntrain:\n  lerning_rate: 0.1\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert_clean_failure(cli([str(exp)], work), work, "mine.yaml", "unknown key 'train.lerning_rate'")
+
+
+@pytest.mark.parametrize("override,fragments", [
+    ("train.foo=1", ["table2.yaml", "unknown key 'train.foo'"]),
+    ("train.lr=fast", ["table2.yaml", "train.lr", "fast"]),
+    ("model.arch=3-64-2-2", ["patch_size=3 does not divide image_size=16"]),
+    ("model.arch=4-100-2-2", ["width=100 is not a multiple"]),
+    ("data.root=/nonexistent/fmnist", ["/nonexistent/fmnist", "fashion_mnist"]),
+    ("train.noise_std=-0.5", ["noise_std must be >= 0"]),
+])
+def test_bad_config_fails_before_any_work(tmp_path, override, fragments):
+    assert_clean_failure(cli([TABLE2, *TINY, override], tmp_path), tmp_path, *fragments)
+
+
+def test_unreachable_services_fail_fast(tmp_path):
+    port = free_port()
+    r = cli([TABLE2, *TINY, "storage.uri=s3://bucket/runs", f"storage.endpoint_url=http://127.0.0.1:{port}"], tmp_path,
+            AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s")
+    assert_clean_failure(r, tmp_path, f"S3 endpoint http://127.0.0.1:{port}", "unreachable")
+    r = cli([TABLE2, *TINY, f"tracking.uri=http://127.0.0.1:{port}"], tmp_path)
+    assert_clean_failure(r, tmp_path, f"MLflow tracking server http://127.0.0.1:{port} is unreachable")
+
+
+@pytest.mark.slow
+def test_missing_bucket_and_bad_credentials_are_named(tmp_path, s3_server):
+    r = cli([TABLE2, *TINY, "storage.uri=s3://no-such-bucket/runs", f"storage.endpoint_url={s3_server.endpoint_url}"],
+            tmp_path)
+    assert_clean_failure(r, tmp_path, "bucket 'no-such-bucket'", "does not exist")
+    if s3_server.kind == "seaweedfs":
+        bucket = s3_server.make_bucket("creds")
+        r = cli([TABLE2, *TINY, f"storage.uri=s3://{bucket}/runs", f"storage.endpoint_url={s3_server.endpoint_url}"],
+                tmp_path, AWS_SECRET_ACCESS_KEY="wrong")
+        assert_clean_failure(r, tmp_path, f"bucket '{bucket}'", "refuses these credentials")
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
+    r = cli([TABLE2, "--dry-run"], tmp_path)  # paper scale: ImageNet is absent here, the plan still prints
+    assert r.returncode == 0, r.stderr
+    assert "model       2-768-8-8  image 3x64x64, 1024 tokens of 12" in r.stdout
+    assert "workers     8 × (8 CPU, 1 GPU)" in r.stdout and "ABSENT" in r.stdout
+    assert "noise: uniform" in r.stdout  # the resolved config is printed too
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- real runs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_multinode_cluster_with_s3_and_mlflow(tmp_path, ray_cluster, s3_server, mlflow_server):
+    bucket = s3_server.make_bucket("ckpt")
+    args = [TABLE2, *TINY, "train.steps=30", "train.checkpoint_every=10", "train.log_every=5",
+            f"cluster.address={ray_cluster}", f"storage.uri=s3://{bucket}/runs",
+            f"storage.endpoint_url={s3_server.endpoint_url}", f"tracking.uri={mlflow_server}"]
+    r = cli(args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    client, runs = runs_of(mlflow_server)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "table2/4-64-2-2/uniform"
+    assert steps_of(client, run.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]
+    assert 0 < run.data.metrics["bpd"] < 10 and run.data.metrics["images_per_sec"] > 0
+    assert run.data.params["model.arch"] == "4-64-2-2" and run.data.params["train.noise"] == "uniform"
+    assert run.data.tags["ray.num_nodes"] == "2"  # the two ranks ran on different Ray nodes
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert artifacts == {"samples/samples.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {"config/resolved.json"}
+
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    run_dir = next(k.split("/")[1] for k in keys if k.endswith("result.json"))
+    assert run_dir.startswith("table2-4-64-2-2-")
+    checkpoints = {k.split("/")[2] for k in keys if "/checkpoint_0" in k}
+    assert checkpoints == {"checkpoint_00000020", "checkpoint_00000030"}  # keep_checkpoints=2
+    assert any(k.endswith("checkpoint_00000030/state.pt") for k in keys)
+    assert f"runs/{run_dir}/config.yaml" in keys
+
+    again = cli(args, tmp_path)  # the same command: a finished run is not retrained
+    assert again.returncode == 0 and "already finished" in again.stdout
+    _, runs = runs_of(mlflow_server)
+    assert len(runs) == 1
+
+
+@pytest.mark.slow
+def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, ray_cluster, mlflow_server):
+    import psutil
+
+    exp = "resume-" + str(time.time_ns())
+    args = [TABLE2, *TINY, "model.arch=4-128-2-2", "train.steps=400", "train.checkpoint_every=50",
+            "train.log_every=10", f"experiment.name={exp}", f"cluster.address={ray_cluster}",
+            f"tracking.uri={mlflow_server}", "storage.async_upload=false"]
+
+    def wait_for_step(step, proc, timeout=240):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "log1.txt").read_text()[-3000:]
+            client, runs = runs_of(mlflow_server, exp)
+            if runs and max(steps_of(client, runs[0].info.run_id, "loss") or [0]) >= step:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"step {step} not reached")
+
+    # 1. kill one training worker mid-run: Ray restarts the group from the last checkpoint
+    proc = start_cli(args, tmp_path, tmp_path / "log1.txt")
+    wait_for_step(120, proc)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers
+    workers[0].kill()
+    wait_for_step(250, proc)
+    # 2. kill the driver itself; rerunning the same command resumes the same run
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = cli(args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    client, runs = runs_of(mlflow_server, exp)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    loss_steps = steps_of(client, run_id, "loss")
+    assert loss_steps == list(range(10, 401, 10))  # the planned steps, none twice, none missing
+    resumed = steps_of(client, run_id, "resumed_from_step")
+    assert len(resumed) == 2 and all(s % 50 == 0 and s > 0 for s in resumed), resumed
+    assert "bpd" in runs[0].data.metrics
