@@ -52,6 +52,21 @@ def compose_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+def with_overrides(cfg: DictConfig, values: dict, source: str = "config") -> DictConfig:
+    """A typed, read-only copy of cfg with dotted keys set (sweep trials and sample settings)."""
+    try:
+        dotlist = OmegaConf.from_dotlist([f"{k}={_yaml_value(v)}" for k, v in values.items()])
+        out = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.to_container(cfg), dotlist)
+    except OmegaConfBaseException as e:
+        raise ExperimentError(f"{source}: {_explain(e, [f'{k}={v}' for k, v in values.items()])}") from None
+    OmegaConf.set_readonly(out, True)
+    return out
+
+
+def _yaml_value(v) -> str:
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
 def _explain(e: Exception, overrides) -> str:
     """Hydra's and OmegaConf's errors, reduced to the key at fault and what is wrong with it."""
     chain = [e]
@@ -60,6 +75,10 @@ def _explain(e: Exception, overrides) -> str:
     text = " ".join(" ".join(str(x).split()) for x in chain)
     key = next((x.full_key for x in chain if getattr(x, "full_key", None)), None) or next(iter(re.findall(r"full_key: (\S+)", text)), None)
     override = re.search(r"Could not override '([^']+)'", text)
+    if override and "reference_type=Dict" in text:
+        new_key = next(iter(re.findall(r"Key '([^']+)' is not in struct", text)), "?")
+        return (f"'{new_key}' is not yet in '{override.group(1)}': to add an entry to a dict from the command "
+                f"line write '++{override.group(1)}=...'")
     if override or "not in" in text or "is not in struct" in text:
         key = override.group(1) if override else key
         return (f"unknown key '{key}' (in the file or the overrides {list(overrides)}); the valid keys of each "
@@ -119,7 +138,7 @@ def schedule(cfg: DictConfig, train_size: int) -> tuple[int, int, int]:
 def identity_of(cfg: DictConfig) -> dict:
     """The parts of a config that change the trained model (not where it runs, is stored or tracked)."""
     ident = OmegaConf.to_container(cfg, resolve=True)
-    for section in ("storage", "tracking", "cluster", "eval", "reference"):
+    for section in ("storage", "tracking", "cluster", "eval", "reference", "sweep"):
         ident.pop(section, None)
     ident["experiment"] = {"name": cfg.experiment.name}
     for key in ("num_workers",):
@@ -154,6 +173,10 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
         num_classes = info["num_classes"] if cfg.model.conditional else 0
         model = TarFlowConfig.from_string(cfg.model.arch, image_size=info["image_size"], in_channels=info["channels"],
                                           num_classes=num_classes, nvp=cfg.model.nvp, head_dim=cfg.model.head_dim)
+        parts = {k: cfg.model[k] for k in ("patch_size", "width", "num_blocks", "layers_per_block")
+                 if cfg.model[k] is not None}
+        if parts:
+            model = TarFlowConfig(**{**model.to_dict(), **parts})
         if cfg.train.noise == "gaussian":
             model.noise_std = cfg.train.noise_std
         train = train_config(cfg)
@@ -171,11 +194,20 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
                               f"cluster.num_workers={workers}")
     key = config_hash(cfg)
     noise = f"{cfg.train.noise_std:g}" if cfg.train.noise == "gaussian" else "uniform"
-    display = cfg.tracking.run_name or f"{cfg.experiment.name}/{cfg.model.arch}/{noise}"
-    safe_name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in cfg.experiment.name)
+    safe_name = storage_safe(cfg.experiment.name)
     return RunPlan(cfg=cfg, source=source, model=model, data=data, train=train, run_key=key,
-                   run_name=f"{safe_name}-{cfg.model.arch}-{key}", display_name=display,
+                   run_name=f"{safe_name}-{arch_name(model)}-{key}",
+                   display_name=cfg.tracking.run_name or f"{cfg.experiment.name}/{arch_name(model)}/{noise}",
                    per_worker_batch=cfg.train.batch_size // workers, data_present=not info.get("absent"))
+
+
+def storage_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+
+
+def arch_name(model: TarFlowConfig) -> str:
+    """P-Ch-T-K of the model actually built (σ is shown separately)."""
+    return f"{model.patch_size}-{model.width}-{model.num_blocks}-{model.layers_per_block}"
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
@@ -191,5 +223,7 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
 
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("reference", None)
+    if not (container["sweep"]["train_axes"] or container["sweep"]["sample_axes"]):
+        container.pop("sweep")
     walk("", container)
     return out

@@ -57,6 +57,44 @@ def describe_plan(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
     return "\n".join(lines)
 
 
+def start_tracked_run(plan: RunPlan, storage: RunStorage, tracker: Tracker, parent_run_id: str | None = None,
+                      extra_tags: dict | None = None) -> str:
+    """The MLflow run of this config (found again by its hash), tagged, with the resolved config stored."""
+    import ray
+
+    tags = {"git_commit": git_commit(), "config_hash": plan.run_key, "scale": plan.cfg.experiment.scale,
+            "storage": f"{storage.describe()}/{plan.run_name}", **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = tracker.start_run(tracker.experiment_id(plan.experiment_name), plan.run_key, plan.display_name,
+                               flat_params(plan.cfg), tags=tags)
+    tracker.set_tags(run_id, {"ray_job_id": ray.get_runtime_context().get_job_id()})
+    storage.write_text(f"{plan.run_name}/{CONFIG_FILE}", OmegaConf.to_yaml(plan.cfg, resolve=True))
+    return run_id
+
+
+def train_to_end(plan: RunPlan, storage: RunStorage, tracker: Tracker, run_id: str, sample_settings=(),
+                 callbacks=()) -> dict:
+    """Fit on Ray Train (resuming from the run's last checkpoint), then record the result."""
+    from .trainer import build_trainer
+
+    started = time.time()
+    try:
+        result = build_trainer(plan, storage, tracker.uri, run_id, sample_settings, callbacks).fit()
+        if result.error is not None:
+            raise result.error
+    except Exception:
+        tracker.finish(run_id, "FAILED")
+        raise
+    metrics = tracker.final_metrics(run_id)
+    storage.write_text(f"{plan.run_name}/{RESULT_FILE}", json.dumps(
+        {"metrics": metrics, "mlflow_run_id": run_id, "run_key": plan.run_key, "seconds": time.time() - started}))
+    for setting in sample_settings:
+        tracker.finish(setting["run_id"], "FINISHED")
+    tracker.finish(run_id, "FINISHED")
+    return metrics
+
+
 def run_experiment(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> dict:
     """Train (or resume) one run to the end; returns its final metrics. Skips a finished run."""
     done = storage.read_json(f"{plan.run_name}/{RESULT_FILE}")
@@ -64,32 +102,13 @@ def run_experiment(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> dic
         print(f"[orchestrator] {plan.run_name} already finished; not retraining. Final metrics: {done['metrics']}")
         return done["metrics"]
 
-    from .trainer import build_trainer, init_ray
+    from .trainer import init_ray
 
     tracker = Tracker(tracking_uri)
-    exp_id = tracker.experiment_id(plan.experiment_name)
+    tracker.experiment_id(plan.experiment_name)  # created here, in the driver, never by workers
     init_ray(plan.cfg)
-    import ray
-
-    run_id = tracker.start_run(exp_id, plan.run_key, plan.display_name, flat_params(plan.cfg),
-                               tags={"git_commit": git_commit(), "config_hash": plan.run_key,
-                                     "storage": f"{storage.describe()}/{plan.run_name}",
-                                     "scale": plan.cfg.experiment.scale})
-    tracker.set_tags(run_id, {"ray_job_id": ray.get_runtime_context().get_job_id()})
-    storage.write_text(f"{plan.run_name}/{CONFIG_FILE}", OmegaConf.to_yaml(plan.cfg, resolve=True))
-    started = time.time()
-    try:
-        result = build_trainer(plan, storage, tracking_uri, run_id).fit()
-    except Exception:
-        tracker.finish(run_id, "FAILED")
-        raise
-    if result.error is not None:
-        tracker.finish(run_id, "FAILED")
-        raise result.error
-    metrics = tracker.final_metrics(run_id)
-    storage.write_text(f"{plan.run_name}/{RESULT_FILE}", json.dumps(
-        {"metrics": metrics, "mlflow_run_id": run_id, "run_key": plan.run_key, "seconds": time.time() - started}))
-    tracker.finish(run_id, "FINISHED")
+    run_id = start_tracked_run(plan, storage, tracker)
+    metrics = train_to_end(plan, storage, tracker, run_id)
     print(f"[orchestrator] {plan.run_name} finished: {metrics}")
     return metrics
 
@@ -108,14 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         plan, storage, tracking_uri = prepare(args.experiment, args.overrides, require_data=not args.dry_run)
+        sweep = None
+        if plan.cfg.sweep.train_axes or plan.cfg.sweep.sample_axes:
+            from .sweep import describe_sweep, plan_sweep, run_sweep
+
+            sweep = plan_sweep(plan)  # the whole search space is checked before anything starts
+        description = describe_plan(plan, storage, tracking_uri) + (f"\n{describe_sweep(sweep)}" if sweep else "")
         if args.dry_run:
             print(OmegaConf.to_yaml(plan.cfg, resolve=True))
-            print(describe_plan(plan, storage, tracking_uri))
+            print(description)
             return 0
         storage.check()
         check_tracking(tracking_uri)
-        print(describe_plan(plan, storage, tracking_uri), flush=True)
-        run_experiment(plan, storage, tracking_uri)
+        print(description, flush=True)
+        if sweep:
+            run_sweep(sweep, storage, tracking_uri)
+        else:
+            run_experiment(plan, storage, tracking_uri)
         return 0
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)

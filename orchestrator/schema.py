@@ -7,7 +7,7 @@ before any work starts. Defaults here are the paper's; the YAML groups under con
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 
 @dataclass
@@ -20,6 +20,11 @@ class ExperimentSection:
 @dataclass
 class ModelSection:
     arch: str = "2-768-8-8"         # the paper's P-Ch-T-K
+    # set one of these to change a single part of arch (sweeps over patch size or depth at any scale)
+    patch_size: Optional[int] = None
+    width: Optional[int] = None
+    num_blocks: Optional[int] = None
+    layers_per_block: Optional[int] = None
     conditional: bool = False       # class-conditional on the data set's labels
     nvp: bool = True                # affine (True) or shift-only "VP" (False)
     head_dim: int = 64
@@ -100,6 +105,31 @@ class ClusterSection:
 
 
 @dataclass
+class SchedulerSection:
+    type: str = "asha"              # asha (early stopping) or fifo (run every trial to the end)
+    metric: str = "loss"            # must be in every report: the training loss is, BPD only at the end
+    mode: str = "min"
+    grace_period: int = 1           # reports (checkpoint intervals) before a trial can be stopped
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class SweepSection:
+    """Train-time axes are Tune trials (each a Ray Train run); sample-time axes (eval.*) are evaluated on
+    every trial's final checkpoint and never retrain. An axis is a list (grid) or one of
+    {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}."""
+
+    train_axes: Dict[str, Any] = field(default_factory=dict)   # e.g. {"model.arch": [...], "train.noise_std": {...}}
+    sample_axes: Dict[str, Any] = field(default_factory=dict)  # e.g. {"eval.guidance": [0.0, 2.0]}
+    search: str = "grid"            # grid or random
+    num_samples: int = 1            # random: trials drawn; grid: repeats of the grid
+    max_concurrent: Optional[int] = None  # default: what the cluster's resources allow
+    metric: str = "bpd"             # what "best" means in the results table
+    mode: str = "min"
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+
+
+@dataclass
 class ExperimentConfig:
     experiment: ExperimentSection = field(default_factory=ExperimentSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -109,4 +139,5 @@ class ExperimentConfig:
     storage: StorageSection = field(default_factory=StorageSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
     reference: Any = None           # the paper's numbers for this experiment (free-form, used by tables)

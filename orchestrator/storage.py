@@ -23,6 +23,11 @@ class RunStorage:
     uri: str                          # local path or s3://bucket/prefix
     endpoint_url: str | None = None
 
+    def __post_init__(self):
+        # absolute now: Ray Tune runs trials in other working directories
+        if not self.uri.startswith("s3://"):
+            self.uri = str(Path(self.uri).expanduser().resolve())
+
     @property
     def is_s3(self) -> bool:
         return self.uri.startswith("s3://")

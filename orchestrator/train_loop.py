@@ -92,6 +92,7 @@ def train_loop_per_worker(config: dict) -> None:
                                   cfg.data.num_workers):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             m = tarflow.train_step(state, x, y)
+            state.extra["last_loss"] = m["loss"]
             window["steps"] += 1
             window["loss"] += m["loss"]
             window["grad_norm"] += m["grad_norm"]
@@ -113,24 +114,36 @@ def train_loop_per_worker(config: dict) -> None:
             if state.step >= total_steps:
                 break
 
-    final = evaluate(cfg, plan, state, device, rank, world, logger)
+    final = evaluate(cfg, cfg.eval, plan, state, device, rank, world, logger, bpd=cfg.eval.bpd)
     if logger:
         logger.log_metrics(final, step=state.step)
         logger.log_dict({"step": state.step, **final}, "metrics/final.json")
-    ray.train.report({"step": state.step, **final})
+    # sample-time settings of a sweep: evaluated on this final model, never retrained
+    for setting in config.get("sample_settings") or []:
+        setting_logger = RunLogger(config["tracking_uri"], setting["run_id"]) if rank == 0 else None
+        metrics = evaluate(cfg, OmegaConf.create(setting["eval"]), plan, state, device, rank, world, setting_logger,
+                           bpd=False)
+        if setting_logger and metrics:
+            setting_logger.log_metrics(metrics, step=state.step)
+    ray.train.report({"step": state.step, "loss": m_last(state), **final})
 
 
-def evaluate(cfg, plan, state: tarflow.TrainState, device, rank: int, world: int, logger: RunLogger | None) -> dict:
+def m_last(state: tarflow.TrainState) -> float:
+    return float(state.extra.get("last_loss", float("nan")))
+
+
+def evaluate(cfg, eval_cfg, plan, state: tarflow.TrainState, device, rank: int, world: int,
+             logger: RunLogger | None, bpd: bool) -> dict:
     """Held-out BPD on all ranks; the sample grid on rank 0, logged as an artifact."""
     model = state.ema if state.ema is not None else state.model
     out = {}
-    if cfg.eval.bpd:
+    if bpd:
         val = load_dataset(plan.data, "val")
         if cfg.data.val_limit:
             val = torch.utils.data.Subset(val, range(min(cfg.data.val_limit, len(val))))
         out["bpd"] = heldout_bpd(model, val, plan.per_worker_batch, device, rank, world, seed=cfg.train.seed)
-    if logger and cfg.eval.num_samples > 0:
-        e = cfg.eval
+    if logger and eval_cfg.num_samples > 0:
+        e = eval_cfg
         with tempfile.TemporaryDirectory() as tmp:
             path = sample_grid_png(model, Path(tmp) / "samples.png", e.num_samples, e.sample_batch_size, device,
                                    plan.model.num_classes, e.guidance, e.annealed_guidance, e.attn_temp,

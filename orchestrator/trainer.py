@@ -18,23 +18,20 @@ def ray_address(cfg) -> str:
     return cfg.cluster.address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def init_ray(cfg) -> None:
-    """Join the configured cluster, or start a local instance sized by cluster.num_cpus."""
+def init_ray(cfg, min_cpus: int = 0) -> None:
+    """Join the configured cluster, or start a local instance with at least min_cpus logical CPUs."""
     if ray.is_initialized():
         return
     address = ray_address(cfg)
-    kwargs = dict(address=address, log_to_driver=True, configure_logging=False)
+    kwargs = dict(address=address, log_to_driver=True)
     if address == "local":
-        kwargs.update(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1,
-                                                            _cpus_needed(cfg)), include_dashboard=None)
+        needed = max(min_cpus, int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999))
+        # logical CPUs may exceed the physical ones: small CPU runs still get all their workers
+        kwargs.update(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, needed))
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ExperimentError(f"cannot reach the Ray cluster at {address}: {' '.join(str(e).split())[:300]}") from None
-
-
-def _cpus_needed(cfg) -> int:
-    return int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker) + 1
 
 
 def scaling_config(cfg) -> ray.train.ScalingConfig:
@@ -45,13 +42,16 @@ def scaling_config(cfg) -> ray.train.ScalingConfig:
     return ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources)
 
 
-def build_trainer(plan: RunPlan, storage: RunStorage, tracking_uri: str, mlflow_run_id: str) -> TorchTrainer:
+def build_trainer(plan: RunPlan, storage: RunStorage, tracking_uri: str, mlflow_run_id: str,
+                  sample_settings: list | tuple = (), callbacks: list | tuple = ()) -> TorchTrainer:
+    """sample_settings: extra sample-time evaluations after training ({"eval": ..., "run_id": ...})."""
     cfg = plan.cfg
     fs, root = storage.filesystem_and_root()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "source": plan.source,
-                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+                           "sample_settings": list(sample_settings)},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
@@ -60,5 +60,6 @@ def build_trainer(plan: RunPlan, storage: RunStorage, tracking_uri: str, mlflow_
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            callbacks=list(callbacks),
         ),
     )

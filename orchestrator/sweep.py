@@ -1,0 +1,314 @@
+"""Sweeps: Ray Tune over train-time axes (each trial a Ray Train run, early-stopped by ASHA), sample-time
+axes evaluated on each trial's final checkpoint, nested MLflow runs, and a pandas table of the results.
+
+A sweep is an experiment YAML with a `sweep:` section (orchestrator/schema.py: SweepSection). Rerunning
+the same command continues an interrupted sweep: Tune restores its state, finished trials are skipped
+and unfinished ones resume their Ray Train run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ExperimentError, RunPlan, flat_params, plan_run, storage_safe, with_overrides
+from .storage import RunStorage
+from .tracking import Tracker
+
+SAMPLE_KEYS = {"eval.guidance", "eval.annealed_guidance", "eval.attn_temp", "eval.denoise", "eval.denoise_step"}
+KINDS = ("grid", "choice", "uniform", "loguniform")
+
+
+@dataclass
+class Axis:
+    key: str
+    kind: str        # grid, choice, uniform, loguniform
+    values: list     # the listed values, or [lo, hi]
+
+    def tune_domain(self):
+        from ray import tune
+
+        return {"grid": tune.grid_search, "choice": tune.choice}[self.kind](self.values) if self.kind in (
+            "grid", "choice") else getattr(tune, self.kind)(*self.values)
+
+    def probe_values(self) -> list:
+        """Values whose configs are checked before any trial starts (the ends of a range)."""
+        return list(self.values)
+
+
+def parse_axis(key: str, spec, source: str) -> Axis:
+    if isinstance(spec, (list, tuple)):
+        kind, values = "grid", list(spec)
+    elif isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in KINDS:
+        kind, values = next(iter(spec.items()))
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+    else:
+        raise ExperimentError(f"{source}: sweep axis '{key}' must be a list or one of "
+                              f"{{grid|choice: [...]}}, {{uniform|loguniform: [lo, hi]}}; got {spec!r}")
+    if not values:
+        raise ExperimentError(f"{source}: sweep axis '{key}' has an empty {kind} list")
+    if kind in ("uniform", "loguniform"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or not values[0] < values[1]:
+            raise ExperimentError(f"{source}: sweep axis '{key}': {kind} needs [lo, hi] with lo < hi, got {values}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ExperimentError(f"{source}: sweep axis '{key}': loguniform needs lo > 0, got {values[0]}")
+    return Axis(key, kind, values)
+
+
+@dataclass
+class SweepPlan:
+    base: RunPlan
+    train_axes: list[Axis]
+    sample_settings: list[dict]     # each a dict of eval.* values; [{}] when there are no sample axes
+    sweep_key: str
+    name: str                       # storage-safe: <experiment>-sweep-<key>
+    display_name: str
+
+
+def plan_sweep(base: RunPlan) -> SweepPlan:
+    """Check the whole search space before any trial starts: keys exist, values are valid configs."""
+    cfg, source = base.cfg, base.source
+    spec = OmegaConf.to_container(cfg.sweep, resolve=True)
+    train_axes = [parse_axis(k, v, source) for k, v in spec["train_axes"].items()]
+    sample_axes = [parse_axis(k, v, source) for k, v in spec["sample_axes"].items()]
+    for axis in train_axes:
+        if axis.key.startswith("eval.") or axis.key.startswith("sweep."):
+            raise ExperimentError(f"{source}: '{axis.key}' is a sample-time setting; put it under sweep.sample_axes "
+                                  "(sampling knobs never retrain a model)")
+    for axis in sample_axes:
+        if axis.key not in SAMPLE_KEYS:
+            raise ExperimentError(f"{source}: sweep.sample_axes key '{axis.key}' is not a sampling knob; "
+                                  f"allowed: {sorted(SAMPLE_KEYS)}")
+        if axis.kind != "grid":
+            raise ExperimentError(f"{source}: sample axis '{axis.key}' must be a list of values (a grid)")
+    if spec["search"] not in ("grid", "random"):
+        raise ExperimentError(f"{source}: sweep.search must be grid or random, got {spec['search']!r}")
+    if spec["search"] == "grid" and any(a.kind in ("uniform", "loguniform") for a in train_axes):
+        raise ExperimentError(f"{source}: sweep.search=grid cannot enumerate uniform/loguniform axes; "
+                              "use search: random")
+    if spec["scheduler"]["type"] not in ("asha", "fifo") or spec["scheduler"]["mode"] not in ("min", "max") \
+            or spec["mode"] not in ("min", "max"):
+        raise ExperimentError(f"{source}: sweep.scheduler.type must be asha or fifo, modes min or max")
+    # every value of every axis must make a valid run on its own (one axis at a time keeps this cheap)
+    for axis in train_axes + sample_axes:
+        for value in axis.probe_values():
+            plan_run(with_overrides(cfg, {axis.key: value}, source), source=f"{source} [sweep {axis.key}={value}]")
+    settings = [dict(zip([a.key for a in sample_axes], combo))
+                for combo in itertools.product(*[a.values for a in sample_axes])]
+    key = hashlib.sha256(json.dumps([base.run_key, spec["train_axes"], spec["search"], spec["num_samples"]],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return SweepPlan(base=base, train_axes=train_axes, sample_settings=settings, sweep_key=key,
+                     name=f"{storage_safe(cfg.experiment.name)}-sweep-{key}", display_name=f"{cfg.experiment.name}/sweep")
+
+
+def describe_sweep(sweep: SweepPlan) -> str:
+    axes = "; ".join(f"{a.key} {a.kind} {a.values}" for a in sweep.train_axes) or "(none)"
+    grid = 1
+    for a in sweep.train_axes:
+        grid *= len(a.values) if a.kind == "grid" else 1
+    s = sweep.base.cfg.sweep
+    trials = grid * s.num_samples
+    return (f"sweep       {sweep.name}: {trials} trial(s) over {axes}\n"
+            f"            scheduler {s.scheduler.type} on {s.scheduler.metric} ({s.scheduler.mode}); best by "
+            f"{s.metric} ({s.mode})\n"
+            f"            {len(sweep.sample_settings)} sample-time setting(s) per trial: "
+            + "; ".join(setting_label(x) for x in sweep.sample_settings))
+
+
+def setting_label(setting: dict) -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in setting.items()) or "default"
+
+
+def trial_overrides_label(overrides: dict) -> str:
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial: one Ray Train run launched from a Tune function trainable
+
+
+def run_trial(config: dict) -> None:
+    """Tune trainable. config: {"base": cfg container, "source", "overrides": {key: value}, ...}."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .run import RESULT_FILE, start_tracked_run, train_to_end
+
+    overrides = config["overrides"]
+    cfg = with_overrides(OmegaConf.create(config["base"]), overrides, config["source"])
+    plan = plan_run(cfg, source=config["source"])
+    plan.display_name = f"{plan.display_name}[{trial_overrides_label(overrides)}]"
+    storage = RunStorage(**config["storage"])
+    done = storage.read_json(f"{plan.run_name}/{RESULT_FILE}")
+    if done is not None:  # finished before an interruption of the sweep: report, don't reopen or retrain
+        ray.tune.report(done["metrics"])
+        return
+    tracker = Tracker(config["tracking_uri"])
+    run_id = start_tracked_run(plan, storage, tracker, parent_run_id=config["parent_run_id"],
+                               extra_tags={"sweep.name": config["sweep_name"],
+                                           "sweep.trial": ray.tune.get_context().get_trial_id(),
+                                           "sweep.overrides": json.dumps(overrides)})
+    settings = []
+    for setting in config["sample_settings"]:
+        eval_cfg = with_overrides(cfg, setting, config["source"])
+        eval_id = tracker.start_run(tracker.experiment_id(plan.experiment_name),
+                                    f"{plan.run_key}-{hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]}",
+                                    f"{plan.display_name}/{setting_label(setting)}",
+                                    {k: str(v) for k, v in setting.items()},
+                                    tags={"mlflow.parentRunId": run_id, "sweep.kind": "sample_eval",
+                                          "sweep.setting": json.dumps(setting), "sweep.name": config["sweep_name"]})
+        settings.append({"eval": OmegaConf.to_container(eval_cfg.eval), "run_id": eval_id, "setting": setting})
+    train_to_end(plan, storage, tracker, run_id, sample_settings=settings, callbacks=[TuneReportCallback()])
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def trial_resources(cfg: DictConfig) -> dict:
+    c = cfg.cluster
+    cpus = c.num_workers * c.cpus_per_worker + 1  # + the trial's own driver (the Tune trainable)
+    return {"CPU": cpus, **({"GPU": c.num_workers * c.gpus_per_worker} if c.use_gpu else {})}
+
+
+def max_concurrent(cfg: DictConfig) -> int:
+    import ray
+
+    if cfg.sweep.max_concurrent:
+        return cfg.sweep.max_concurrent
+    have = ray.cluster_resources()
+    need = trial_resources(cfg)
+    return max(1, min(int(have.get(k, 0) // v) for k, v in need.items()))
+
+
+def run_sweep(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.DataFrame:
+    import ray
+    from ray import tune
+
+    from .trainer import init_ray
+
+    base = sweep.base
+    cfg = base.cfg
+    tracker = Tracker(tracking_uri)
+    exp_id = tracker.experiment_id(base.experiment_name)
+    parent_id = tracker.start_run(exp_id, sweep.sweep_key, sweep.display_name, flat_params(cfg),
+                                  tags={"sweep.name": sweep.name, "sweep.kind": "parent"})
+    init_ray(cfg, min_cpus=int(trial_resources(cfg)["CPU"] + 0.999))
+    concurrency = max_concurrent(cfg)
+    print(f"[sweep] {sweep.name}: {len(sweep.train_axes)} train axes, {len(sweep.sample_settings)} sample "
+          f"settings per trial, up to {concurrency} trials at once", flush=True)
+
+    s = cfg.sweep
+    scheduler = None
+    if s.scheduler.type == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(metric=s.scheduler.metric, mode=s.scheduler.mode, max_t=10**6,
+                                                  grace_period=s.scheduler.grace_period,
+                                                  reduction_factor=s.scheduler.reduction_factor)
+    trainable = tune.with_resources(run_trial, {"CPU": 1})  # the trial driver; its Train workers ask for their own
+    fs, root = storage.filesystem_and_root()
+    param_space = {
+        "base": OmegaConf.to_container(cfg, resolve=True), "source": base.source,
+        "overrides": {a.key: a.tune_domain() for a in sweep.train_axes},
+        "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url}, "tracking_uri": tracking_uri,
+        "parent_run_id": parent_id, "sweep_name": sweep.name, "sample_settings": sweep.sample_settings,
+    }
+    path = f"{root}/{sweep.name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[sweep] continuing {sweep.name} from {storage.describe()}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=s.num_samples,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=root, storage_filesystem=fs, verbose=1),
+        )
+    grid = tuner.fit()
+    errored = {trial_id_of(r) for r in grid if r.error is not None}
+
+    table = results_table(tracker, exp_id, sweep, errored)
+    close_runs(tracker, table, sweep)
+    best = best_trial(table, s.metric, s.mode)
+    report = table_markdown(table, best, s.metric, s.mode)
+    tracker.client.log_text(parent_id, table.to_csv(index=False), "sweep/results.csv")
+    tracker.client.log_text(parent_id, report, "sweep/results.md")
+    if best is not None:
+        tracker.set_tags(parent_id, {"sweep.best_run": best["run_id"], "sweep.best_overrides": best["overrides"]})
+    tracker.finish(parent_id, "FINISHED")
+    print(report, flush=True)
+    ray.shutdown()
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: built from MLflow, the record of truth, so the table and the UI agree
+
+
+def results_table(tracker: Tracker, exp_id: str, sweep: SweepPlan, errored: set = frozenset()) -> pd.DataFrame:
+    """One row per trial × sample setting. A trial is finished (its run completed), failed (Tune saw an
+    error) or stopped (ASHA ended it early)."""
+    runs = tracker.client.search_runs([exp_id], filter_string=f"tags.`sweep.name` = '{sweep.name}'",
+                                      max_results=10_000)
+    trials = {r.info.run_id: r for r in runs if r.data.tags.get("sweep.trial")}
+    evals = [r for r in runs if r.data.tags.get("sweep.kind") == "sample_eval"]
+    rows = []
+    for run_id, r in trials.items():
+        overrides = json.loads(r.data.tags["sweep.overrides"])
+        trial = r.data.tags["sweep.trial"]
+        status = "finished" if r.info.status == "FINISHED" else "failed" if trial in errored else "stopped"
+        base = {"trial": trial, "run_id": run_id, "overrides": trial_overrides_label(overrides),
+                **overrides, "status": status, "stopped_early": status == "stopped", **{f"train.{k}": v for k, v in r.data.metrics.items()
+                                                  if k in ("loss", "bpd")}}
+        mine = [e for e in evals if e.data.tags.get("mlflow.parentRunId") == run_id]
+        if not mine:
+            rows.append({**base, "setting": "default"})
+        for e in mine:
+            setting = json.loads(e.data.tags["sweep.setting"])
+            rows.append({**base, "setting": setting_label(setting), **setting, "eval_run_id": e.info.run_id,
+                         **{f"eval.{k}": v for k, v in e.data.metrics.items()}})
+    df = pd.DataFrame(rows)
+    return df.sort_values(["overrides", "setting"]).reset_index(drop=True) if len(df) else df
+
+
+def trial_id_of(result) -> str | None:
+    if result.metrics and result.metrics.get("trial_id"):
+        return result.metrics["trial_id"]
+    m = re.search(r"_([0-9a-f]{5}_\d{5})_", posixpath.basename(result.path or ""))  # run_trial_<id>_<n>_...
+    return m.group(1) if m else None
+
+
+def best_trial(table: pd.DataFrame, metric: str, mode: str) -> dict | None:
+    for column in (f"eval.{metric}", f"train.{metric}"):
+        if column in table and table[column].notna().any():
+            ranked = table[table["status"] == "finished"].dropna(subset=[column])
+            if len(ranked):
+                row = ranked.loc[ranked[column].idxmin() if mode == "min" else ranked[column].idxmax()]
+                return {"run_id": row["run_id"], "overrides": row["overrides"], "setting": row["setting"],
+                        "metric": column, "value": float(row[column])}
+    return None
+
+
+def table_markdown(table: pd.DataFrame, best: dict | None, metric: str, mode: str) -> str:
+    shown = table.drop(columns=[c for c in ("run_id", "eval_run_id", "trial") if c in table])
+    text = shown.to_markdown(index=False) if len(shown) else "(no trials)"
+    if best:
+        text += (f"\n\nBest ({mode} {best['metric']}): {best['overrides']} with {best['setting']} -> "
+                 f"{best['value']:.4g} (MLflow run {best['run_id']})")
+    return text
+
+
+def close_runs(tracker: Tracker, table: pd.DataFrame, sweep: SweepPlan) -> None:
+    """ASHA-stopped trials leave their MLflow runs RUNNING: give them a final status and a tag."""
+    for _, row in table.iterrows():
+        if row["status"] == "stopped":
+            for run_id in filter(lambda x: isinstance(x, str), (row["run_id"], row.get("eval_run_id"))):
+                tracker.set_tags(run_id, {"sweep.stopped_early": "true"})
+                tracker.finish(run_id, "KILLED")

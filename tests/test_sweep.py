@@ -1,0 +1,120 @@
+"""Sweeps through `python -m orchestrator.run`: Tune trials of Ray Train runs, ASHA, sample-time axes,
+nested MLflow runs, the results table, and resuming an interrupted sweep."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = str(ROOT / "experiments" / "sweep_patch_noise.yaml")
+TINY = ["scale=smoke", "data.limit=512", "data.val_limit=128", "eval.num_samples=4", "eval.sample_batch_size=4",
+        "train.batch_size=32", "cluster.num_workers=1", "train.checkpoint_every=10", "train.log_every=10"]
+
+
+def cli(args, cwd, timeout=900):
+    return subprocess.run([sys.executable, "-m", "orchestrator.run", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def sweep_runs(uri, experiment):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id], max_results=1000))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sweep.train_axes={train.lerning_rate: [0.1, 0.2]}", "to add an entry to a dict from the command line"),
+    ("++sweep.train_axes={train.lerning_rate: [0.1, 0.2]}", "unknown key 'train.lerning_rate'"),
+    ("sweep.train_axes={train.noise_std: []}", "sweep axis 'train.noise_std' has an empty grid list"),
+    ("sweep.train_axes={train.noise_std: [0.1, -0.2]}", "noise_std must be >= 0, got -0.2"),
+    ("++sweep.train_axes={train.lr: {uniform: [0.2, 0.1]}}", "lo < hi"),
+    ("++sweep.train_axes={eval.guidance: [1.0, 2.0]}", "sample-time setting"),
+    ("++sweep.sample_axes={train.lr: [0.1]}", "not a sampling knob"),
+    ("sweep.train_axes={model.patch_size: [3]}", "patch_size=3 does not divide image_size=16"),
+])
+def test_bad_search_space_fails_before_any_trial(tmp_path, override, message):
+    r = cli([SWEEP, *TINY, override], tmp_path, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_dry_run_lists_trials_and_settings(tmp_path):
+    r = cli([SWEEP, *TINY, "--dry-run"], tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "4 trial(s) over model.patch_size grid [2, 4]; train.noise_std grid [0.05, 0.15]" in r.stdout
+    assert "2 sample-time setting(s) per trial: guidance=0.0; guidance=2.0" in r.stdout
+
+
+@pytest.mark.slow
+def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
+    exp = f"sweep-{time.time_ns()}"
+    args = [SWEEP, *TINY, "train.steps=60", f"experiment.name={exp}", f"tracking.uri={mlflow_server}",
+            "cluster.num_cpus=2"]
+
+    # start, wait until one trial has finished, then kill the driver
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.run", *args], cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    finished_first = []
+    while time.time() < deadline and proc.poll() is None:
+        client, runs = sweep_runs(mlflow_server, exp)
+        finished_first = [r for r in runs if r.data.tags.get("sweep.trial") and r.info.status == "FINISHED"]
+        if finished_first:
+            break
+        time.sleep(1)
+    assert finished_first, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_steps = {r.info.run_id: [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+                   for r in finished_first}
+
+    r = cli(args, tmp_path)  # the same command continues the sweep
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    assert "continuing" in r.stdout
+
+    client, runs = sweep_runs(mlflow_server, exp)
+    parents = [x for x in runs if x.data.tags.get("sweep.kind") == "parent"]
+    trials = [x for x in runs if x.data.tags.get("sweep.trial")]
+    evals = [x for x in runs if x.data.tags.get("sweep.kind") == "sample_eval"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(trials) == 4  # one MLflow run per trial, none duplicated by the restart
+    assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
+    assert len(evals) == 8 and all(e.data.tags["mlflow.parentRunId"] in {t.info.run_id for t in trials} for e in evals)
+    for t in trials:
+        assert t.info.status in ("FINISHED", "KILLED")
+        steps = [m.step for m in client.get_metric_history(t.info.run_id, "loss")]
+        assert len(steps) == len(set(steps)), steps  # no step logged twice
+        if t.info.status == "KILLED":
+            assert t.data.tags["sweep.stopped_early"] == "true"
+    for run_id, steps in first_steps.items():  # finished trials were not retrained
+        assert [m.step for m in client.get_metric_history(run_id, "loss")] == steps
+        assert not client.get_metric_history(run_id, "resumed_from_step")
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    assert finished
+    for t in finished:  # each finished model was evaluated at both guidance weights, with a sample grid
+        mine = [e for e in evals if e.data.tags["mlflow.parentRunId"] == t.info.run_id]
+        assert sorted(e.data.params["eval.guidance"] for e in mine) == ["0.0", "2.0"]
+        for e in mine:
+            assert [a.path for a in client.list_artifacts(e.info.run_id, "samples")] == ["samples/samples.png"]
+
+    # the results table logged to the parent run matches MLflow
+    path = client.download_artifacts(parents[0].info.run_id, "sweep/results.csv", str(tmp_path))
+    table = pd.read_csv(path)
+    assert len(table) == 8
+    for t in trials:
+        rows = table[table["run_id"] == t.info.run_id]
+        assert len(rows) == 2
+        assert set(rows["status"]) == {"finished" if t.info.status == "FINISHED" else "stopped"}
+        if "bpd" in t.data.metrics:
+            assert rows["train.bpd"].tolist() == pytest.approx([t.data.metrics["bpd"]] * 2)
+    assert "Best (min train.bpd)" in r.stdout
+    assert parents[0].data.tags["sweep.best_run"] in {t.info.run_id for t in finished}
