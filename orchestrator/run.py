@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .cost import describe_cost, estimate_cost
 from .config import ExperimentError, RunPlan, compose_experiment, flat_params, plan_run
 from .storage import RunStorage, storage_from_config
 from .tracking import Tracker, check_tracking, resolve_tracking_uri
@@ -124,15 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", help="experiment YAML, e.g. experiments/table2.yaml")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. scale=smoke train.steps=100")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         plan, storage, tracking_uri = prepare(args.experiment, args.overrides, require_data=not args.dry_run)
         sweep = None
         if plan.cfg.sweep.train_axes or plan.cfg.sweep.sample_axes:
-            from .sweep import describe_sweep, plan_sweep, run_sweep
+            from .sweep import describe_sweep, num_trials, plan_sweep, run_sweep
 
-            sweep = plan_sweep(plan)  # the whole search space is checked before anything starts
+            sweep = plan_sweep(plan, require_data=not args.dry_run)  # the whole search space is checked before anything starts
         description = describe_plan(plan, storage, tracking_uri) + (f"\n{describe_sweep(sweep)}" if sweep else "")
+        description += "\n" + describe_cost(estimate_cost(plan, runs=num_trials(sweep) if sweep else 1))
         if args.dry_run:
             print(OmegaConf.to_yaml(plan.cfg, resolve=True))
             print(description)

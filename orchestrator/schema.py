@@ -42,6 +42,7 @@ class DataSection:
     val_limit: Optional[int] = None # held-out images used for BPD
     num_workers: int = 0            # DataLoader processes per Ray worker
     num_classes: Optional[int] = None  # what the data set is expected to have (checked; used by dry runs)
+    train_images: Optional[int] = None # its training-set size, for cost estimates when the data is elsewhere
 
 
 @dataclass
@@ -102,6 +103,10 @@ class ClusterSection:
     gpus_per_worker: float = 1.0
     num_cpus: Optional[int] = None  # CPUs of a local Ray instance started by the command
     max_failures: int = 1           # worker-group restarts from the last checkpoint
+    # for --dry-run cost estimates: a measured throughput (benchmarks/), else peak FLOP/s × an assumed MFU
+    images_per_sec_per_gpu: Optional[float] = None
+    gpu_peak_tflops: float = 312.0  # A100 bf16 dense
+    assumed_mfu: float = 0.3
 
 
 @dataclass

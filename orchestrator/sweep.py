@@ -43,6 +43,15 @@ class Axis:
         return list(self.values)
 
 
+def expand(overrides: dict) -> dict:
+    """Axes over several keys at once ("model.num_blocks,model.layers_per_block": [4, 4]) -> one per key."""
+    out = {}
+    for key, value in overrides.items():
+        keys = key.split(",")
+        out.update(zip(keys, value) if len(keys) > 1 else [(key, value)])
+    return out
+
+
 def parse_axis(key: str, spec, source: str) -> Axis:
     if isinstance(spec, (list, tuple)):
         kind, values = "grid", list(spec)
@@ -54,6 +63,11 @@ def parse_axis(key: str, spec, source: str) -> Axis:
                               f"{{grid|choice: [...]}}, {{uniform|loguniform: [lo, hi]}}; got {spec!r}")
     if not values:
         raise ExperimentError(f"{source}: sweep axis '{key}' has an empty {kind} list")
+    width = len(key.split(","))
+    if width > 1 and (kind not in ("grid", "choice") or
+                      not all(isinstance(v, (list, tuple)) and len(v) == width for v in values)):
+        raise ExperimentError(f"{source}: sweep axis '{key}' moves {width} keys together: its values must be "
+                              f"lists of {width}, e.g. [[2, 8], [4, 4]]; got {values}")
     if kind in ("uniform", "loguniform"):
         if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or not values[0] < values[1]:
             raise ExperimentError(f"{source}: sweep axis '{key}': {kind} needs [lo, hi] with lo < hi, got {values}")
@@ -72,7 +86,7 @@ class SweepPlan:
     display_name: str
 
 
-def plan_sweep(base: RunPlan) -> SweepPlan:
+def plan_sweep(base: RunPlan, require_data: bool = True) -> SweepPlan:
     """Check the whole search space before any trial starts: keys exist, values are valid configs."""
     cfg, source = base.cfg, base.source
     spec = OmegaConf.to_container(cfg.sweep, resolve=True)
@@ -99,7 +113,8 @@ def plan_sweep(base: RunPlan) -> SweepPlan:
     # every value of every axis must make a valid run on its own (one axis at a time keeps this cheap)
     for axis in train_axes + sample_axes:
         for value in axis.probe_values():
-            plan_run(with_overrides(cfg, {axis.key: value}, source), source=f"{source} [sweep {axis.key}={value}]")
+            plan_run(with_overrides(cfg, expand({axis.key: value}), source),
+                     source=f"{source} [sweep {axis.key}={value}]", require_data=require_data)
     settings = [dict(zip([a.key for a in sample_axes], combo))
                 for combo in itertools.product(*[a.values for a in sample_axes])]
     key = hashlib.sha256(json.dumps([base.run_key, spec["train_axes"], spec["search"], spec["num_samples"]],
@@ -108,13 +123,17 @@ def plan_sweep(base: RunPlan) -> SweepPlan:
                      name=f"{storage_safe(cfg.experiment.name)}-sweep-{key}", display_name=f"{cfg.experiment.name}/sweep")
 
 
-def describe_sweep(sweep: SweepPlan) -> str:
-    axes = "; ".join(f"{a.key} {a.kind} {a.values}" for a in sweep.train_axes) or "(none)"
+def num_trials(sweep: SweepPlan) -> int:
     grid = 1
     for a in sweep.train_axes:
         grid *= len(a.values) if a.kind == "grid" else 1
+    return grid * sweep.base.cfg.sweep.num_samples
+
+
+def describe_sweep(sweep: SweepPlan) -> str:
+    axes = "; ".join(f"{a.key} {a.kind} {a.values}" for a in sweep.train_axes) or "(none)"
     s = sweep.base.cfg.sweep
-    trials = grid * s.num_samples
+    trials = num_trials(sweep)
     return (f"sweep       {sweep.name}: {trials} trial(s) over {axes}\n"
             f"            scheduler {s.scheduler.type} on {s.scheduler.metric} ({s.scheduler.mode}); best by "
             f"{s.metric} ({s.mode})\n"
@@ -141,7 +160,7 @@ def run_trial(config: dict) -> None:
 
     from .run import RESULT_FILE, start_tracked_run, train_to_end
 
-    overrides = config["overrides"]
+    overrides = expand(config["overrides"])
     cfg = with_overrides(OmegaConf.create(config["base"]), overrides, config["source"])
     plan = plan_run(cfg, source=config["source"])
     plan.display_name = f"{plan.display_name}[{trial_overrides_label(overrides)}]"
@@ -261,7 +280,7 @@ def results_table(tracker: Tracker, exp_id: str, sweep: SweepPlan, errored: set 
     evals = [r for r in runs if r.data.tags.get("sweep.kind") == "sample_eval"]
     rows = []
     for run_id, r in trials.items():
-        overrides = json.loads(r.data.tags["sweep.overrides"])
+        overrides = json.loads(r.data.tags["sweep.overrides"])  # already one entry per key
         trial = r.data.tags["sweep.trial"]
         status = "finished" if r.info.status == "FINISHED" else "failed" if trial in errored else "stopped"
         base = {"trial": trial, "run_id": run_id, "overrides": trial_overrides_label(overrides),
