@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(sweep, storage, tracking_uri)
         else:
             run_experiment(plan, storage, tracking_uri)
+        if plan.cfg.reference is not None:
+            from .report import report
+
+            report(plan, storage, tracking_uri)
         return 0
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -85,18 +85,25 @@ class RunStorage:
         fs, root = self.filesystem_and_root()
         return fs, posixpath.join(root, *parts)
 
-    def write_text(self, relpath: str, text: str) -> None:
+    def write_bytes(self, relpath: str, data: bytes) -> None:
         fs, path = self._path(relpath)
         fs.create_dir(posixpath.dirname(path), recursive=True)
         with fs.open_output_stream(path) as f:
-            f.write(text.encode())
+            f.write(data)
 
-    def read_text(self, relpath: str) -> str | None:
+    def write_text(self, relpath: str, text: str) -> None:
+        self.write_bytes(relpath, text.encode())
+
+    def read_bytes(self, relpath: str) -> bytes | None:
         fs, path = self._path(relpath)
         if fs.get_file_info(path).type != pafs.FileType.File:
             return None
         with fs.open_input_stream(path) as f:
-            return f.read().decode()
+            return f.read()
+
+    def read_text(self, relpath: str) -> str | None:
+        data = self.read_bytes(relpath)
+        return None if data is None else data.decode()
 
     def read_json(self, relpath: str) -> dict | None:
         text = self.read_text(relpath)
