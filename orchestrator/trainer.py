@@ -51,6 +51,7 @@ def build_trainer(plan: RunPlan, storage: RunStorage, tracking_uri: str, mlflow_
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "source": plan.source,
                            "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+                           "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url},
                            "sample_settings": list(sample_settings)},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
