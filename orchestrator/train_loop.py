@@ -127,11 +127,8 @@ def train_loop_per_worker(config: dict) -> None:
                            bpd=False, fid=fid, seed_offset=1 + config["sample_settings"].index(setting))
         if setting_logger and metrics:
             setting_logger.log_metrics(metrics, step=state.step)
-    ray.train.report({"step": state.step, "loss": m_last(state), **final})
-
-
-def m_last(state: tarflow.TrainState) -> float:
-    return float(state.extra.get("last_loss", float("nan")))
+    # the loss too, since a sweep's scheduler needs its metric in every report
+    ray.train.report({"step": state.step, "loss": float(state.extra.get("last_loss", "nan")), **final})
 
 
 class FIDContext:

@@ -30,9 +30,11 @@ def start_cli(args, cwd, log: Path):
 
 
 def runs_of(tracking_uri, experiment="table2"):
+    """The training runs of an experiment (not the table run the report adds)."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
+    runs = [] if exp is None else client.search_runs([exp.experiment_id])
+    return client, [r for r in runs if r.data.tags.get("tarflow.kind") != "table"]
 
 
 def steps_of(client, run_id, key):
@@ -133,6 +135,7 @@ def test_end_to_end_on_a_multinode_cluster_with_s3_and_mlflow(tmp_path, ray_clus
     assert checkpoints == {"checkpoint_00000020", "checkpoint_00000030"}  # keep_checkpoints=2
     assert any(k.endswith("checkpoint_00000030/state.pt") for k in keys)
     assert f"runs/{run_dir}/config.yaml" in keys
+    assert "runs/tables/table2/table.csv" in keys and "| TarFlow (ours)" in r.stdout  # the paper's table, ours beside
 
     again = cli(args, tmp_path)  # the same command: a finished run is not retrained
     assert again.returncode == 0 and "already finished" in again.stdout
