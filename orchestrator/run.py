@@ -20,6 +20,7 @@ from .cost import describe_cost, estimate_cost
 from .config import ExperimentError, RunPlan, compose_experiment, flat_params, plan_run
 from .storage import RunStorage, storage_from_config
 from .tracking import Tracker, check_tracking, resolve_tracking_uri
+from .train_loop import RESUME_FAILED
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
@@ -84,8 +85,12 @@ def train_to_end(plan: RunPlan, storage: RunStorage, tracker: Tracker, run_id: s
         result = build_trainer(plan, storage, tracker.uri, run_id, sample_settings, callbacks).fit()
         if result.error is not None:
             raise result.error
-    except Exception:
+    except Exception as e:
         tracker.finish(run_id, "FAILED")
+        if RESUME_FAILED in str(e):  # raised in a worker, it reaches us wrapped by Ray: keep its one line
+            line = next(x for x in str(e).splitlines() if RESUME_FAILED in x)
+            raise ExperimentError(line[line.index(RESUME_FAILED):] + ". Nothing was deleted: remove that checkpoint "
+                                  "directory to resume from the one before it.") from None
         raise
     metrics = tracker.final_metrics(run_id)
     storage.write_text(f"{plan.run_name}/{RESULT_FILE}", json.dumps(

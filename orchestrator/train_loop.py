@@ -25,6 +25,7 @@ from .storage import RunStorage
 from .tracking import RunLogger
 
 CHECKPOINT_FILE = "state.pt"
+RESUME_FAILED = "cannot resume from checkpoint"
 
 
 def epoch_batches(dataset, epoch: int, skip_batches: int, per_worker_batch: int, rank: int, world: int,
@@ -68,7 +69,10 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            tarflow.restore(state, tarflow.load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device))
+            try:
+                tarflow.restore(state, tarflow.load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device))
+            except tarflow.CheckpointError as e:  # name the stored checkpoint, not the temporary copy
+                raise tarflow.CheckpointError(f"{RESUME_FAILED} {checkpoint.path}: {e}") from None
     state.extra["mlflow_run_id"] = config["mlflow_run_id"]
     nodes = [None] * world
     node = ray.get_runtime_context().get_node_id()

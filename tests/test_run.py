@@ -183,3 +183,24 @@ def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, 
     resumed = steps_of(client, run_id, "resumed_from_step")
     assert len(resumed) == 2 and all(s % 50 == 0 and s > 0 for s in resumed), resumed
     assert "bpd" in runs[0].data.metrics
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_is_named_and_nothing_is_lost(tmp_path, ray_cluster):
+    args = [TABLE2, *TINY, "train.steps=20", "train.checkpoint_every=10", "train.log_every=10", "eval.bpd=false",
+            "eval.num_samples=0", f"cluster.address={ray_cluster}", "cluster.max_failures=0", "storage.uri=store",
+            "experiment.name=corrupt"]
+    r = cli(args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = next((tmp_path / "store").glob("corrupt-*"))
+    (run_dir / "result.json").unlink()  # as if the run had stopped after its last checkpoint
+    latest = run_dir / "checkpoint_00000020" / "state.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*"))
+    r = cli(args, tmp_path)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    err = next(line for line in r.stderr.splitlines() if line.startswith("error: "))  # Ray's log lines may follow
+    assert err.startswith("error: cannot resume from checkpoint") and "checkpoint_00000020" in err, err
+    assert "is corrupt" in err
+    after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*"))
+    assert set(before) <= set(after)  # nothing already saved was removed
