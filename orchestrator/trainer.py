@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 import ray.train
@@ -28,10 +29,27 @@ def init_ray(cfg, min_cpus: int = 0) -> None:
         needed = max(min_cpus, int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999))
         # logical CPUs may exceed the physical ones: small CPU runs still get all their workers
         kwargs.update(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, needed))
+        pin_local_address()
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ExperimentError(f"cannot reach the Ray cluster at {address}: {' '.join(str(e).split())[:300]}") from None
+
+
+def pin_local_address() -> None:
+    """Give the local instance a known GCS port and export its address before it starts.
+
+    Ray's own helpers inside workers (Train's placement-group cleaner uses the state API) look for "the"
+    cluster on this machine; with another Ray running they find two and fail, and stopped sweep trials
+    then leak their resources. Workers inherit RAY_ADDRESS from the processes started here.
+    """
+    from ray._private.services import get_node_ip_address
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
 
 
 def scaling_config(cfg) -> ray.train.ScalingConfig:

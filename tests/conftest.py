@@ -97,9 +97,12 @@ def mlflow_server_s3(tmp_path_factory, s3_server, mlflow_s3_bucket):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
     """A real multi-node Ray cluster on this machine: a head with no CPUs and two 1-CPU nodes, so the
-    two training workers of a run land on different nodes. Yields its address for `cluster.address=`."""
+    two training workers of a run land on different nodes. Yields its address for `cluster.address=`.
+
+    Started after the S3 server so that its nodes carry the S3 credentials in their environment, as
+    the nodes of a real cluster do (credentials never travel in a job's config)."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
