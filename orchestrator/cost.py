@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tarflow import TarFlow
-
 from .config import RunPlan
 
 
@@ -39,19 +37,12 @@ def estimate_cost(plan: RunPlan, runs: int = 1, train_size: int | None = None) -
     if c.images_per_sec_per_gpu:
         per_gpu, source = c.images_per_sec_per_gpu, "cluster.images_per_sec_per_gpu"
     else:
-        flops = TarFlow.flops_per_image(_FlopsOnly(plan), training=True)
+        flops = plan.model.flops_per_image(training=True)
         per_gpu = c.gpu_peak_tflops * 1e12 * c.assumed_mfu / flops
         source = f"{flops / 1e9:.1f} GFLOP/image at {c.assumed_mfu:.0%} of {c.gpu_peak_tflops:g} TFLOP/s"
     rate = per_gpu * max(gpus, 1)
     return Cost(runs=runs, gpus_per_run=gpus, images_per_run=images, images_per_sec=rate,
                 throughput_source=source, hours_per_run=images / rate / 3600)
-
-
-class _FlopsOnly:
-    """Enough of a TarFlow for flops_per_image, without allocating a paper-size model."""
-
-    def __init__(self, plan: RunPlan):
-        self.config = plan.model
 
 
 def describe_cost(cost: Cost | None) -> str:

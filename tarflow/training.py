@@ -132,15 +132,20 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor | None = None
     loss, prior_term, logdet_per_dim = flow_loss(z, logdet)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    if cfg.grad_clip:
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    else:  # the norm alone, for the logs: clipping at infinity would still rescale every gradient by 1
+        grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     state.optimizer.step()
     model.update_prior(z.detach())
     if state.ema is not None:
         with torch.no_grad():
             torch._foreach_lerp_(list(state.ema.parameters()), list(model.parameters()), 1 - cfg.ema_decay)
     state.step += 1
-    return {"loss": loss.item(), "prior_term": prior_term.item(), "logdet_per_dim": logdet_per_dim.item(),
-            "lr": lr, "grad_norm": grad_norm.item()}
+    # one device sync for all the numbers, not one per number
+    loss, prior_term, logdet_per_dim, grad_norm = torch.stack(
+        [loss.detach(), prior_term.detach(), logdet_per_dim.detach(), grad_norm.detach().float()]).tolist()
+    return {"loss": loss, "prior_term": prior_term, "logdet_per_dim": logdet_per_dim, "lr": lr, "grad_norm": grad_norm}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -261,3 +261,31 @@ def test_flops_per_image():
                                                      if n.endswith("weight") and p.dim() == 2)
     assert weight_flops <= fwd <= 1.5 * weight_flops
     assert model.flops_per_image(training=True) == 3 * fwd
+
+
+def test_config_flops_per_image_is_the_models():
+    model = tiny_model(num_classes=3, nvp=False)
+    assert model.flops_per_image() == model.config.flops_per_image()
+    assert model.config.flops_per_image(training=True) == model.flops_per_image(training=True)
+
+
+@pytest.mark.parametrize("nvp", [True, False])
+def test_guided_reverse_equals_recompute_vp_and_affine(nvp):
+    model = tiny_model(image_size=6, num_classes=3, nvp=nvp)
+    z = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([2, 0])
+    torch.testing.assert_close(model.reverse(z, y, guidance=2.0, annealed_guidance=True),
+                               naive_inverse(model, z, y, 2.0, True), atol=1e-10, rtol=0)
+
+
+def test_reverse_leaves_its_input_alone_and_runs_under_bf16_autocast():
+    model = tiny_model(dtype=torch.float32, num_classes=3)
+    z = torch.randn(2, 1, 4, 4)
+    z0 = z.clone()
+    y = torch.tensor([1, 2])
+    exact = model.reverse(z, y, guidance=1.5, annealed_guidance=True, attn_temp=0.8)
+    assert torch.equal(z, z0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        approx = model.reverse(z, y, guidance=1.5, annealed_guidance=True, attn_temp=0.8)
+    assert approx.dtype == torch.float32
+    torch.testing.assert_close(approx, exact, atol=0.1, rtol=0.05)
