@@ -49,9 +49,11 @@ class TransformerLayer(nn.Module):
 
     def _heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # (B, T, 3·Ch) -> three (B, H, T, 64); q, k, v are contiguous thirds of the qkv output
+        # unbind, not qkv[0], qkv[1], qkv[2]: its backward is one stack, where three selects would
+        # each write their gradient into a zeroed copy of the whole qkv tensor
         B, T, _ = h.shape
-        qkv = self.qkv(h).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        q, k, v = self.qkv(h).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(x))))
