@@ -3,10 +3,12 @@ everything a run needs (model, data and training configs, run identity) before a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,21 @@ CODE_VERSION = "0.1"  # bump when a change makes old checkpoints incompatible: i
 
 class ExperimentError(RuntimeError):
     """A problem with the user's experiment, said in one paragraph that names the cause."""
+
+
+def cli_entry(main):
+    """A command's main(): an ExperimentError ends it with its one paragraph on stderr and exit code 2, not a
+    traceback (the user's mistake, not a bug)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except ExperimentError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper
 
 
 def register_schema() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .config import ExperimentError, RunPlan
+from .config import ExperimentError, RunPlan, cli_entry
 from .storage import RunStorage
 from .tracking import RUN_KEY_TAG, Tracker
 
@@ -189,6 +189,7 @@ def report(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
     return text
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     from .run import prepare
 
@@ -196,15 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    try:
-        plan, storage, tracking_uri = prepare(args.experiment, args.overrides, require_data=False)
-        if plan.cfg.reference is None:
-            raise ExperimentError(f"{plan.source} has no reference: block, so there is no table to build")
-        report(plan, storage, tracking_uri)
-        return 0
-    except ExperimentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    plan, storage, tracking_uri = prepare(args.experiment, args.overrides, require_data=False)
+    if plan.cfg.reference is None:
+        raise ExperimentError(f"{plan.source} has no reference: block, so there is no table to build")
+    report(plan, storage, tracking_uri)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .cost import describe_cost, estimate_cost
-from .config import ExperimentError, RunPlan, compose_experiment, flat_params, plan_run
+from .config import ExperimentError, RunPlan, cli_entry, compose_experiment, flat_params, plan_run
 from .storage import RunStorage, storage_from_config
 from .tracking import Tracker, check_tracking, resolve_tracking_uri
 from .train_loop import RESUME_FAILED
@@ -125,40 +125,37 @@ def prepare(experiment: str, overrides: list[str], require_data: bool = True) ->
     return plan, storage_from_config(cfg), resolve_tracking_uri(cfg)
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.run", description=__doc__.split("\n\n")[1])
     parser.add_argument("experiment", help="experiment YAML, e.g. experiments/table2.yaml")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. scale=smoke train.steps=100")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
     args = parser.parse_intermixed_args(argv)
-    try:
-        plan, storage, tracking_uri = prepare(args.experiment, args.overrides, require_data=not args.dry_run)
-        sweep = None
-        if plan.cfg.sweep.train_axes or plan.cfg.sweep.sample_axes:
-            from .sweep import describe_sweep, num_trials, plan_sweep, run_sweep
+    plan, storage, tracking_uri = prepare(args.experiment, args.overrides, require_data=not args.dry_run)
+    sweep = None
+    if plan.cfg.sweep.train_axes or plan.cfg.sweep.sample_axes:
+        from .sweep import describe_sweep, num_trials, plan_sweep, run_sweep
 
-            sweep = plan_sweep(plan, require_data=not args.dry_run)  # the whole search space is checked before anything starts
-        description = describe_plan(plan, storage, tracking_uri) + (f"\n{describe_sweep(sweep)}" if sweep else "")
-        description += "\n" + describe_cost(estimate_cost(plan, runs=num_trials(sweep) if sweep else 1))
-        if args.dry_run:
-            print(OmegaConf.to_yaml(plan.cfg, resolve=True))
-            print(description)
-            return 0
-        storage.check()
-        check_tracking(tracking_uri)
-        print(description, flush=True)
-        if sweep:
-            run_sweep(sweep, storage, tracking_uri)
-        else:
-            run_experiment(plan, storage, tracking_uri)
-        if plan.cfg.reference is not None:
-            from .report import report
-
-            report(plan, storage, tracking_uri)
+        sweep = plan_sweep(plan, require_data=not args.dry_run)  # the whole search space is checked before anything starts
+    description = describe_plan(plan, storage, tracking_uri) + (f"\n{describe_sweep(sweep)}" if sweep else "")
+    description += "\n" + describe_cost(estimate_cost(plan, runs=num_trials(sweep) if sweep else 1))
+    if args.dry_run:
+        print(OmegaConf.to_yaml(plan.cfg, resolve=True))
+        print(description)
         return 0
-    except ExperimentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    storage.check()
+    check_tracking(tracking_uri)
+    print(description, flush=True)
+    if sweep:
+        run_sweep(sweep, storage, tracking_uri)
+    else:
+        run_experiment(plan, storage, tracking_uri)
+    if plan.cfg.reference is not None:
+        from .report import report
+
+        report(plan, storage, tracking_uri)
+    return 0
 
 
 if __name__ == "__main__":
