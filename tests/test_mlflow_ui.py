@@ -1,0 +1,166 @@
+"""The MLflow UI after a small experiment, driven in a real headless Chromium the way a person uses it:
+experiments named per table, the run named like `table2/4-64-2-2/uniform`, its metrics (table and charts
+by step) and the sample grid among its artifacts.
+
+Needs Debian's `chromium` and `chromium-driver` and the PyPI package `selenium`; skipped without them.
+Screenshots go to the test's tmp dir, and also to $TARFLOW_UI_SCREENSHOTS if set (a directory)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from orchestrator.services import start_mlflow_server
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE2 = str(ROOT / "experiments" / "table2.yaml")
+TINY = ["scale=smoke", "data.limit=512", "data.val_limit=128", "eval.num_samples=4", "eval.sample_batch_size=4",
+        "train.batch_size=32", "train.steps=10", "train.log_every=2", "train.checkpoint_every=10",
+        "cluster.num_workers=1"]
+RUN_NAME = "table2/4-64-2-2/uniform"
+CHROMIUM = os.environ.get("TARFLOW_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("TARFLOW_CHROMEDRIVER", shutil.which("chromedriver") or "/usr/bin/chromedriver")
+WAIT_S = 90  # the UI's first load compiles a large bundle; slow on a busy 2-core machine
+
+selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
+if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+    pytest.skip(f"no headless browser: {CHROMIUM} and {CHROMEDRIVER} are needed "
+                "(apt-get install chromium chromium-driver)", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tracked_experiment(tmp_path_factory):
+    """A tiny Table 2 run, tracked in an `mlflow server` of its own (so 'table2' holds just this run), trained
+    on the default local Ray that the command starts."""
+    work = tmp_path_factory.mktemp("ui")
+    server = start_mlflow_server(work / "mlflow")
+    try:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
+        env.pop("RAY_ADDRESS", None)
+        r = subprocess.run([sys.executable, "-m", "orchestrator.run", TABLE2, *TINY], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        client = MlflowClient(server.url)
+        run = client.search_runs([client.get_experiment_by_name("table2").experiment_id],
+                                 filter_string=f"attributes.run_name = '{RUN_NAME}'")[0]
+        with Image.open(client.download_artifacts(run.info.run_id, "samples/samples.png", str(work))) as grid:
+            size = grid.size
+        yield {"url": server.url, "samples_size": size}
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1600,1000",
+                f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-', dir=tmp_path)}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # no Selenium Manager download
+    driver.set_page_load_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def page_text(driver) -> str:
+    return driver.execute_script("return document.body ? document.body.innerText : ''") or ""
+
+
+def wait_for_text(driver, *texts, timeout=WAIT_S):
+    try:
+        WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: all(t in page_text(d) for t in texts))
+    except WebDriverException:
+        raise AssertionError(f"{texts} not shown at {driver.current_url}; the page shows:\n{page_text(driver)[:3000]}")
+
+
+def click(driver, locator, timeout=WAIT_S):
+    """Click the first visible element found by locator, once it is there."""
+    def find(d):
+        return next((e for e in d.find_elements(*locator) if e.is_displayed()), False)
+
+    try:
+        element = WebDriverWait(driver, timeout, poll_frequency=0.5).until(find)
+    except WebDriverException:
+        raise AssertionError(f"no {locator} at {driver.current_url}; the page shows:\n{page_text(driver)[:3000]}")
+    element.click()
+
+
+def by_text(text):
+    return By.XPATH, f"//*[normalize-space(text())='{text}']"
+
+
+def screenshot(driver, tmp_path, name):
+    path = tmp_path / f"{name}.png"
+    driver.save_screenshot(str(path))
+    if os.environ.get("TARFLOW_UI_SCREENSHOTS"):
+        out = Path(os.environ["TARFLOW_UI_SCREENSHOTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, out / path.name)
+    return path
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_run_its_metric_charts_and_samples(tracked_experiment, browser, tmp_path):
+    d = browser
+    started = time.time()
+    d.get(f"{tracked_experiment['url']}/#/experiments")
+    wait_for_text(d, "Experiments", "table2")
+    for button in d.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):  # the assistant side panel
+        if button.is_displayed():
+            button.click()
+    # MLflow 3 opens on its GenAI views; training runs live under "Model training"
+    if d.find_elements(*by_text("Model training")):
+        click(d, by_text("Model training"))
+    click(d, (By.LINK_TEXT, "table2"))
+
+    # the experiment's runs: the training run, named after table / architecture / noise, and the table run
+    wait_for_text(d, RUN_NAME, "table2/table")
+    screenshot(d, tmp_path, "mlflow-runs")
+    click(d, (By.LINK_TEXT, RUN_NAME))
+
+    # the run's overview: final metrics and the resolved config as params
+    wait_for_text(d, RUN_NAME, "Metrics", "bpd", "loss", "Parameters", "model.arch", "4-64-2-2")
+    screenshot(d, tmp_path, "mlflow-run")
+
+    # metric charts by step
+    click(d, by_text("Model metrics"))
+    wait_for_text(d, "bpd", "loss", "grad_norm", "Step", f"{RUN_NAME} (loss)")
+    assert d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot, canvas, svg.main-svg"), "no chart drawn"
+    screenshot(d, tmp_path, "mlflow-metrics")
+
+    # the sample grid among the artifacts, previewed as an image
+    click(d, by_text("Artifacts"))
+    wait_for_text(d, "samples", "config", "metrics")
+    click(d, by_text("samples"))
+    wait_for_text(d, "samples.png")
+    click(d, by_text("samples.png"))
+    wait_for_text(d, "samples/samples.png", "Path: mlflow-artifacts:/")
+    # the preview is the logged PNG itself (fetched by the UI through the server), drawn at its own size
+    width, height = tracked_experiment["samples_size"]
+    shown = "return Array.from(document.images).map(i => [i.src.slice(0, 5), i.naturalWidth, i.naturalHeight])"
+    try:
+        WebDriverWait(d, WAIT_S, poll_frequency=0.5).until(
+            lambda x: ["blob:", width, height] in x.execute_script(shown))
+    except WebDriverException:
+        raise AssertionError(f"no {width}x{height} preview of samples.png; images: {d.execute_script(shown)}")
+    screenshot(d, tmp_path, "mlflow-samples")
+    print(f"UI walk-through in {time.time() - started:.1f}s; screenshots in {tmp_path}")
