@@ -227,6 +227,10 @@ def arch_name(model: TarFlowConfig) -> str:
     return f"{model.patch_size}-{model.width}-{model.num_blocks}-{model.layers_per_block}"
 
 
+# characters MLflow refuses in a param name; a joint sweep axis ("model.num_blocks,model.layers_per_block") has one
+MLFLOW_UNSAFE_KEY = re.compile(r"[^\w\-. :/]+")
+
+
 def flat_params(cfg: DictConfig) -> dict[str, str]:
     """Dotted keys -> string values, for MLflow params."""
     out = {}
@@ -236,7 +240,7 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
-            out[prefix] = str(node)
+            out[MLFLOW_UNSAFE_KEY.sub(" ", prefix)] = str(node)
 
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("reference", None)

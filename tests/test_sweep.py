@@ -53,6 +53,27 @@ def test_sweep_dry_run_lists_trials_and_settings(tmp_path):
     assert "2 sample-time setting(s) per trial: guidance=0.0; guidance=2.0" in r.stdout
 
 
+@pytest.mark.parametrize("scale", ["paper", "smoke"])
+def test_every_experiment_logs_its_params_to_mlflow(tmp_path, scale):
+    """Each experiment's config (a sweep's, with its axes, included) is accepted as MLflow params by a real
+    store: a joint axis such as "model.num_blocks,model.layers_per_block" is not a valid MLflow name as is."""
+    from orchestrator.config import flat_params
+    from orchestrator.run import prepare
+    from orchestrator.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiments = sorted((ROOT / "experiments").glob("*.yaml"))
+    for path in experiments:
+        plan, _, _ = prepare(str(path), [f"scale={scale}"], require_data=False)
+        params = flat_params(plan.cfg)
+        run_id = tracker.start_run(tracker.experiment_id(plan.experiment_name), plan.run_key, plan.display_name,
+                                   params, tags={})
+        logged = tracker.client.get_run(run_id).data.params
+        assert len(logged) == len(params) and logged["model.arch"] == str(plan.cfg.model.arch), path.name
+    blocks = tracker.client.search_runs([tracker.client.get_experiment_by_name("ablation_blocks_layers").experiment_id])
+    assert blocks[0].data.params["sweep.train_axes.model.num_blocks model.layers_per_block"].startswith("[[1,")
+
+
 @pytest.mark.slow
 def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
     exp = f"sweep-{time.time_ns()}"
