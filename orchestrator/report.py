@@ -48,15 +48,20 @@ def collect_runs(tracker: Tracker, experiment: str) -> pd.DataFrame:
             continue  # a trial with sample-time evaluations: its evaluations are the rows
         else:
             params, metrics, name, scale = r.data.params, r.data.metrics, r.info.run_name, tags.get("scale", "")
-        rows.append({"run_name": name, "mlflow_run": r.info.run_id, "scale": scale, **params,
-                     **{f"metric.{k}": v for k, v in metrics.items()}})
-    return pd.DataFrame(rows)
+        rows.append({"run_name": name, "mlflow_run": r.info.run_id, "scale": scale, "started": r.info.start_time,
+                     **params, **{f"metric.{k}": v for k, v in metrics.items()}})
+    # in the order they ran (a grid's order), not MLflow's newest first
+    return pd.DataFrame(rows).sort_values("started", kind="stable").reset_index(drop=True) if rows else pd.DataFrame()
 
 
 def _config_of(row) -> str:
-    arch = "-".join(str(row.get(f"model.{k}")) for k in ("patch_size", "width", "num_blocks", "layers_per_block"))
-    if "None" in arch:
-        arch = str(row.get("model.arch", "?"))
+    # P-Ch-T-K as trained: model.arch with the single parts a sweep axis may have set (model.num_blocks=4, ...)
+    parts = str(row.get("model.arch", "?-?-?-?")).split("-")[:4]
+    for i, key in enumerate(("patch_size", "width", "num_blocks", "layers_per_block")):
+        value = row.get(f"model.{key}")
+        if value is not None and pd.notna(value) and str(value) != "None" and i < len(parts):
+            parts[i] = str(value)
+    arch = "-".join(parts)
     noise = "uniform" if row.get("train.noise") == "uniform" else f"σ={row.get('train.noise_std')}"
     shown_when = {"eval.guidance": lambda v: float(v) != 0, "eval.denoise": lambda v: v == "True",
                   "model.nvp": lambda v: v == "False"}  # only what departs from the plain model

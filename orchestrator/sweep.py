@@ -163,7 +163,8 @@ def run_trial(config: dict) -> None:
     overrides = expand(config["overrides"])
     cfg = with_overrides(OmegaConf.create(config["base"]), overrides, config["source"])
     plan = plan_run(cfg, source=config["source"])
-    plan.display_name = f"{plan.display_name}[{trial_overrides_label(overrides)}]"
+    if overrides:  # a sample-time-only sweep has one trial: the plain run
+        plan.display_name = f"{plan.display_name}[{trial_overrides_label(overrides)}]"
     storage = RunStorage(**config["storage"])
     done = storage.read_json(f"{plan.run_name}/{RESULT_FILE}")
     if done is not None:  # finished before an interruption of the sweep: report, don't reopen or retrain

@@ -32,13 +32,14 @@ def test_table_rows_deltas_and_claims():
         {"run_name": "a", "mlflow_run": "r1", "scale": "smoke", "model.arch": "2-64-2-2", "train.noise_std": "0.05",
          "eval.guidance": "0.0", "eval.denoise": "False", "metric.fid": 9.0},
         {"run_name": "a", "mlflow_run": "r2", "scale": "smoke", "model.arch": "2-64-2-2", "train.noise_std": "0.05",
-         "eval.guidance": "2.0", "eval.denoise": "False", "metric.fid": 7.5},
+         "eval.guidance": "2.0", "eval.denoise": "False", "metric.fid": 7.5,
+         "model.patch_size": "None", "model.num_blocks": "4", "model.layers_per_block": "1"},  # a depth sweep's trial
     ])
     table = build_table(reference, runs)
     assert table["model"].tolist() == ["BigGAN", "TarFlow (paper)", "TarFlow (ours)", "TarFlow (ours)"]
     ours = table[table["model"] == "TarFlow (ours)"]
     assert ours["delta"].tolist() == pytest.approx([4.0, 2.5])
-    assert "guidance=2.0" in ours["config"].iloc[1]
+    assert ours["config"].tolist() == ["2-64-2-2 σ=0.05", "2-64-4-1 σ=0.05 guidance=2.0"]
     claims = check_claims(reference, runs)
     assert claims[0].startswith("- guidance helps: holds (7.5 vs 9)")
     assert claims[1] == "- denoising helps: no data yet"
@@ -99,3 +100,8 @@ def test_guidance_figure_from_sample_time_sweep(tmp_path, mlflow_server):
     table = [x for x in runs if x.data.tags.get("tarflow.kind") == "table"][0]
     assert "table/figure.png" in {a.path for a in client.list_artifacts(table.info.run_id, "table")}
     assert "guidance (w=1) improves FID over no guidance: no data yet" in r.stdout  # w=1 was not swept here
+    # the table lists the weights in the grid's order, under the plain run's name (its only trial)
+    csv = pd.read_csv(tmp_path / "runs" / "tables" / exp / "table.csv")
+    ours = csv[csv["model"] == "TarFlow (ours)"]
+    assert [("guidance=2.0" in c) for c in ours["config"]] == [False, True], ours["config"].tolist()
+    assert set(ours["source"]) == {f"{exp}/4-64-2-2/0.05"} == {trials[0].info.run_name}
