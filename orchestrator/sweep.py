@@ -110,6 +110,13 @@ def plan_sweep(base: RunPlan, require_data: bool = True) -> SweepPlan:
     if spec["scheduler"]["type"] not in ("asha", "fifo") or spec["scheduler"]["mode"] not in ("min", "max") \
             or spec["mode"] not in ("min", "max"):
         raise ExperimentError(f"{source}: sweep.scheduler.type must be asha or fifo, modes min or max")
+    noise_keys = [a.key for a in train_axes if {"train.noise", "train.noise_std"} & set(a.key.split(","))]
+    if spec["scheduler"]["type"] == "asha" and spec["scheduler"]["metric"] in ("loss", "bpd") and noise_keys:
+        # the likelihood of data noised with a larger σ is lower whatever the model's quality
+        raise ExperimentError(
+            f"{source}: ASHA on '{spec['scheduler']['metric']}' would compare trials trained at different noise "
+            f"levels ({noise_keys[0]}): a larger σ always gives a worse likelihood, so it would stop those trials for "
+            "their σ, not their quality. Use sweep.scheduler.type=fifo (and sweep.metric=fid) for a σ axis")
     # every value of every axis must make a valid run on its own (one axis at a time keeps this cheap)
     for axis in train_axes + sample_axes:
         for value in axis.probe_values():

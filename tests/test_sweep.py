@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = str(ROOT / "experiments" / "sweep_patch_noise.yaml")
+ASHA_SWEEP = str(ROOT / "experiments" / "sweep_patch_depth.yaml")
 TINY = ["scale=smoke", "data.limit=512", "data.val_limit=128", "eval.num_samples=4", "eval.sample_batch_size=4",
         "train.batch_size=32", "cluster.num_workers=1", "train.checkpoint_every=10", "train.log_every=10"]
 
@@ -38,6 +39,7 @@ def sweep_runs(uri, experiment):
     ("++sweep.train_axes={eval.guidance: [1.0, 2.0]}", "sample-time setting"),
     ("++sweep.sample_axes={train.lr: [0.1]}", "not a sampling knob"),
     ("sweep.train_axes={model.patch_size: [3]}", "patch_size=3 does not divide image_size=16"),
+    ("sweep.scheduler.type=asha", "ASHA on 'loss' would compare trials trained at different noise levels"),
 ])
 def test_bad_search_space_fails_before_any_trial(tmp_path, override, message):
     r = cli([SWEEP, *TINY, override], tmp_path, timeout=120)
@@ -77,7 +79,7 @@ def test_every_experiment_logs_its_params_to_mlflow(tmp_path, scale):
 @pytest.mark.slow
 def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
     exp = f"sweep-{time.time_ns()}"
-    args = [SWEEP, *TINY, "train.steps=60", f"experiment.name={exp}", f"tracking.uri={mlflow_server}",
+    args = [ASHA_SWEEP, *TINY, "train.steps=60", f"experiment.name={exp}", f"tracking.uri={mlflow_server}",
             "cluster.num_cpus=2"]
 
     # start, wait until one trial has finished, then kill the driver
