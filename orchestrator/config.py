@@ -188,12 +188,9 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
             raise ConfigError(f"data.num_classes={cfg.data.num_classes} but {data.name} at {data.root} has "
                               f"{info['num_classes']} classes")
         num_classes = info["num_classes"] if cfg.model.conditional else 0
-        model = TarFlowConfig.from_string(cfg.model.arch, image_size=info["image_size"], in_channels=info["channels"],
-                                          num_classes=num_classes, nvp=cfg.model.nvp, head_dim=cfg.model.head_dim)
-        parts = {k: cfg.model[k] for k in ("patch_size", "width", "num_blocks", "layers_per_block")
-                 if cfg.model[k] is not None}
-        if parts:
-            model = TarFlowConfig(**{**model.to_dict(), **parts})
+        model = TarFlowConfig.from_string(arch_with_parts(cfg.model.arch, cfg.model), image_size=info["image_size"],
+                                          in_channels=info["channels"], num_classes=num_classes, nvp=cfg.model.nvp,
+                                          head_dim=cfg.model.head_dim)
         if cfg.train.noise == "gaussian":
             model.noise_std = cfg.train.noise_std
         train = train_config(cfg)
@@ -220,6 +217,19 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
 
 def storage_safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+
+
+ARCH_PARTS = ("patch_size", "width", "num_blocks", "layers_per_block")  # P-Ch-T-K, in model.arch's order
+
+
+def arch_with_parts(arch: str, parts) -> str:
+    """model.arch with the single parts that are set (model.num_blocks=4, ...: a sweep over depth) put in
+    their places: the architecture that is built. parts: model.* values by name, None where unset."""
+    fields = arch.split("-")
+    for i, key in enumerate(ARCH_PARTS[: len(fields)]):
+        if parts.get(key) is not None:
+            fields[i] = str(parts[key])
+    return "-".join(fields)
 
 
 def arch_name(model: TarFlowConfig) -> str:

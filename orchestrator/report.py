@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .config import ExperimentError, RunPlan, cli_entry
+from .config import ARCH_PARTS, ExperimentError, RunPlan, arch_with_parts, cli_entry
 from .storage import RunStorage
 from .tracking import RUN_KEY_TAG, Tracker
 
@@ -55,13 +55,10 @@ def collect_runs(tracker: Tracker, experiment: str) -> pd.DataFrame:
 
 
 def _config_of(row) -> str:
-    # P-Ch-T-K as trained: model.arch with the single parts a sweep axis may have set (model.num_blocks=4, ...)
-    parts = str(row.get("model.arch", "?-?-?-?")).split("-")[:4]
-    for i, key in enumerate(("patch_size", "width", "num_blocks", "layers_per_block")):
-        value = row.get(f"model.{key}")
-        if value is not None and pd.notna(value) and str(value) != "None" and i < len(parts):
-            parts[i] = str(value)
-    arch = "-".join(parts)
+    # P-Ch-T-K as trained; params are strings ("None" when unset), NaN where a run lacks the column
+    parts = {k: row.get(f"model.{k}") for k in ARCH_PARTS}
+    parts = {k: v for k, v in parts.items() if v is not None and pd.notna(v) and str(v) != "None"}
+    arch = "-".join(arch_with_parts(str(row.get("model.arch", "?-?-?-?")), parts).split("-")[:4])
     noise = "uniform" if row.get("train.noise") == "uniform" else f"σ={row.get('train.noise_std')}"
     shown_when = {"eval.guidance": lambda v: float(v) != 0, "eval.denoise": lambda v: v == "True",
                   "model.nvp": lambda v: v == "False"}  # only what departs from the plain model

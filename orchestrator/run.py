@@ -125,6 +125,16 @@ def prepare(experiment: str, overrides: list[str], require_data: bool = True) ->
     return plan, storage_from_config(cfg), resolve_tracking_uri(cfg)
 
 
+def sweep_of(plan: RunPlan, require_data: bool = True):
+    """The SweepPlan of an experiment with a sweep: section, its whole search space checked before anything
+    starts; None for a single run. (Ray Tune is imported only for sweeps.)"""
+    if not (plan.cfg.sweep.train_axes or plan.cfg.sweep.sample_axes):
+        return None
+    from .sweep import plan_sweep
+
+    return plan_sweep(plan, require_data=require_data)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.run", description=__doc__.split("\n\n")[1])
@@ -133,11 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
     args = parser.parse_intermixed_args(argv)
     plan, storage, tracking_uri = prepare(args.experiment, args.overrides, require_data=not args.dry_run)
-    sweep = None
-    if plan.cfg.sweep.train_axes or plan.cfg.sweep.sample_axes:
-        from .sweep import describe_sweep, num_trials, plan_sweep, run_sweep
+    sweep = sweep_of(plan, require_data=not args.dry_run)
+    if sweep:
+        from .sweep import describe_sweep, num_trials, run_sweep
 
-        sweep = plan_sweep(plan, require_data=not args.dry_run)  # the whole search space is checked before anything starts
     description = describe_plan(plan, storage, tracking_uri) + (f"\n{describe_sweep(sweep)}" if sweep else "")
     description += "\n" + describe_cost(estimate_cost(plan, runs=num_trials(sweep) if sweep else 1))
     if args.dry_run:

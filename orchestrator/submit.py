@@ -172,7 +172,7 @@ def follow(client, job_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run import prepare
+    from .run import prepare, sweep_of
 
     parser = argparse.ArgumentParser(prog="python -m orchestrator.submit", description=__doc__.split("\n\n")[1])
     parser.add_argument("experiment", help="experiment YAML inside this project, e.g. experiments/table2.yaml")
@@ -191,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     job_id = None
     try:
         plan, storage, tracking_uri = prepare(args.experiment, args.overrides, require_data=False)  # data: cluster
-        if plan.cfg.sweep.train_axes or plan.cfg.sweep.sample_axes:
-            from .sweep import plan_sweep
-
-            plan_sweep(plan, require_data=False)  # the whole search space, as orchestrator.run checks it
+        sweep_of(plan, require_data=False)  # a sweep's whole search space, as orchestrator.run checks it
         command = entrypoint(Path(args.experiment), args.overrides)
         env_vars = job_env(dict(os.environ), args.env)
         address = normalize_address(args.address)
