@@ -3,12 +3,10 @@ everything a run needs (model, data and training configs, run identity) before a
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,29 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 from tarflow import ConfigError, TarFlowConfig, TrainConfig
 from tarflow.data import DataConfig, dataset_info
 
+from .errors import ExperimentError, cli_entry  # noqa: F401  (re-exported for now)
 from .schema import ExperimentConfig
 
 CONF_SEARCHPATH = "pkg://orchestrator.conf"
 CODE_VERSION = "0.1"  # bump when a change makes old checkpoints incompatible: it is part of the run identity
-
-
-class ExperimentError(RuntimeError):
-    """A problem with the user's experiment, said in one paragraph that names the cause."""
-
-
-def cli_entry(main):
-    """A command's main(): an ExperimentError ends it with its one paragraph on stderr and exit code 2, not a
-    traceback (the user's mistake, not a bug)."""
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs) -> int:
-        try:
-            return main(*args, **kwargs)
-        except ExperimentError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return wrapper
 
 
 def register_schema() -> None:

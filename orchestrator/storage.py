@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from .config import ExperimentError
+from .errors import ExperimentError
 
 
 @dataclass

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from .config import ExperimentError
+from .errors import ExperimentError
 
 RUN_KEY_TAG = "tarflow.run_key"
 
