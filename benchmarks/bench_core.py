@@ -89,7 +89,7 @@ def main() -> None:
     ref = None
     if args.reference is not None:
         sys.path.insert(0, str(args.reference.resolve()))
-        import transformer_flow  # noqa: E402
+        import transformer_flow
 
         ref = transformer_flow.Model(**cfg_dict).to(dev)
         for block in ref.blocks:  # zero proj_out would make every block the identity: nothing to compare

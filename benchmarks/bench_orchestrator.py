@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tarflow  # noqa: E402
-from orchestrator.config import compose_experiment, plan_run, schedule, train_config  # noqa: E402
+from orchestrator.config import compose_experiment  # noqa: E402
+from orchestrator.plan import plan_run, schedule, train_config  # noqa: E402
 from tarflow.data import load_dataset  # noqa: E402
 
 

@@ -1,29 +1,28 @@
-"""Configuration: compose an experiment YAML with Hydra, check it against the typed schema, and derive
-everything a run needs (model, data and training configs, run identity) before any work starts."""
+"""Configuration: compose an experiment YAML with Hydra, check it against the typed schema and every
+value against its allowed range, before any work starts.
+
+What a config means for a run (model, data, identity) is orchestrator/plan.py.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tarflow import ConfigError, TarFlowConfig, TrainConfig
-from tarflow.data import DataConfig, dataset_info
-
-from .errors import ExperimentError, cli_entry  # noqa: F401  (re-exported for now)
+from .errors import ExperimentError
 from .schema import ExperimentConfig
 
 CONF_SEARCHPATH = "pkg://orchestrator.conf"
-CODE_VERSION = "0.1"  # bump when a change makes old checkpoints incompatible: it is part of the run identity
 
 
 def register_schema() -> None:
@@ -32,21 +31,45 @@ def register_schema() -> None:
 
 
 def compose_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """experiment YAML + Hydra overrides -> a typed, read-only config."""
+    """experiment YAML + Hydra overrides -> a typed, read-only config whose values are all in range."""
     path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        raise ExperimentError(f"experiment {path} is a directory; give one of its .yaml files")
     if not path.is_file():
         raise ExperimentError(f"experiment file {path} does not exist")
     if path.suffix not in (".yaml", ".yml"):
         raise ExperimentError(f"experiment file {path} is not a .yaml file")
+    check_yaml_syntax(path)
     register_schema()
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base="1.3"):
             raw = compose(config_name=path.stem, overrides=[f"hydra.searchpath=[{CONF_SEARCHPATH}]", *overrides])
         cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), raw)  # also for YAMLs without base
+    except yaml.MarkedYAMLError as e:  # a config group file (or smoke.yaml) Hydra loaded for us
+        raise ExperimentError(yaml_error_paragraph(e, "a file it includes")) from None
     except (HydraException, OmegaConfBaseException) as e:
         raise ExperimentError(f"{path.name}: {_explain(e, overrides)}") from None
+    check_values(cfg, path.name)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def check_yaml_syntax(path: Path) -> None:
+    """A YAML syntax error as file, line and column, not a parser traceback."""
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        raise ExperimentError(yaml_error_paragraph(e, str(path))) from None
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def yaml_error_paragraph(e: yaml.MarkedYAMLError, where: str) -> str:
+    mark = e.problem_mark or e.context_mark
+    name = mark.name if mark is not None and mark.name not in (None, "<unicode string>") else where
+    at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = " ".join(x for x in (e.context, e.problem) if x)
+    return f"{name}:{at}: YAML syntax error: {what}"
 
 
 def with_overrides(cfg: DictConfig, values: dict, source: str = "config") -> DictConfig:
@@ -56,6 +79,7 @@ def with_overrides(cfg: DictConfig, values: dict, source: str = "config") -> Dic
         out = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.to_container(cfg), dotlist)
     except OmegaConfBaseException as e:
         raise ExperimentError(f"{source}: {_explain(e, [f'{k}={v}' for k, v in values.items()])}") from None
+    check_values(out, source)
     OmegaConf.set_readonly(out, True)
     return out
 
@@ -70,7 +94,8 @@ def _explain(e: Exception, overrides) -> str:
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
     text = " ".join(" ".join(str(x).split()) for x in chain)
-    key = next((x.full_key for x in chain if getattr(x, "full_key", None)), None) or next(iter(re.findall(r"full_key: (\S+)", text)), None)
+    key = next((x.full_key for x in chain if getattr(x, "full_key", None)), None) \
+        or next(iter(re.findall(r"full_key: (\S+)", text)), None)
     override = re.search(r"Could not override '([^']+)'", text)
     if override and "reference_type=Dict" in text:
         new_key = next(iter(re.findall(r"Key '([^']+)' is not in struct", text)), "?")
@@ -86,155 +111,212 @@ def _explain(e: Exception, overrides) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# What a config means
+# Value ranges: every key of the schema, checked at composition (dry runs and real runs alike)
 
 
-@dataclass
-class RunPlan:
-    """Everything derived from a config that the driver and the workers agree on."""
+@dataclass(frozen=True)
+class Range:
+    """A number in [lo, hi] (an end is excluded when open); optional: null is allowed too."""
 
-    cfg: DictConfig
-    source: str                 # the YAML file name, for messages
-    model: TarFlowConfig
-    data: DataConfig
-    train: TrainConfig          # total_steps / warmup_steps are filled in by the worker from the data size
-    run_key: str                # hash of everything that changes the trained model
-    run_name: str               # storage-safe and unique: <experiment>-<arch>-<key>
-    display_name: str           # what MLflow shows: <experiment>/<arch>/<noise>
-    per_worker_batch: int
-    data_present: bool = True
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    optional: bool = False
 
-    @property
-    def experiment_name(self) -> str:
-        return self.cfg.tracking.experiment or self.cfg.experiment.name
+    def accepts(self, v) -> bool:
+        if v is None:
+            return self.optional
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+            return False
+        if self.integer and not isinstance(v, int):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
 
-
-def data_config(cfg: DictConfig) -> DataConfig:
-    d = cfg.data
-    return DataConfig(name=d.name, root=d.root, image_size=d.image_size, fit=d.fit, channels=d.channels,
-                      flip=d.flip, limit=d.limit)
-
-
-def train_config(cfg: DictConfig, total_steps: int = 1, warmup_steps: int = 0, on_gpu: bool = False) -> TrainConfig:
-    t = cfg.train
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu and t.noise == "gaussian")
-    return TrainConfig(lr=t.lr, min_lr=t.min_lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                       warmup_steps=warmup_steps, total_steps=total_steps, noise=t.noise, noise_std=t.noise_std,
-                       label_drop=t.label_drop, bf16=bf16, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
-                       compile=t.compile)
-
-
-def schedule(cfg: DictConfig, train_size: int) -> tuple[int, int, int]:
-    """(steps per epoch, total steps, warm-up steps) for a training set of train_size images."""
-    per_epoch = max(1, train_size // cfg.train.batch_size)
-    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
-    warmup = min(total, round(cfg.train.warmup_epochs * per_epoch))
-    return per_epoch, total, warmup
-
-
-def identity_of(cfg: DictConfig) -> dict:
-    """The parts of a config that change the trained model (not where it runs, is stored or tracked)."""
-    ident = OmegaConf.to_container(cfg, resolve=True)
-    for section in ("storage", "tracking", "cluster", "eval", "reference", "sweep"):
-        ident.pop(section, None)
-    ident["experiment"] = {"name": cfg.experiment.name}
-    for key in ("num_workers",):
-        ident["data"].pop(key, None)
-    for key in ("log_every", "checkpoint_every"):
-        ident["train"].pop(key, None)
-    ident["code_version"] = CODE_VERSION
-    return ident
-
-
-def config_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(json.dumps(identity_of(cfg), sort_keys=True).encode()).hexdigest()[:10]
-
-
-def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True) -> RunPlan:
-    """Validate the meaning of a config (model against data, training values, workers) and derive the plan.
-
-    require_data=False (dry runs) falls back to the sizes the config declares when the data is absent.
-    """
-    try:
-        data = data_config(cfg)
-        try:
-            info = dataset_info(data)
-        except ConfigError:
-            if require_data or not data.image_size:
-                raise
-            info = {"channels": data.channels or 3, "image_size": data.image_size,
-                    "num_classes": cfg.data.num_classes or 0, "absent": True}
-        if cfg.data.num_classes is not None and info["num_classes"] != cfg.data.num_classes:
-            raise ConfigError(f"data.num_classes={cfg.data.num_classes} but {data.name} at {data.root} has "
-                              f"{info['num_classes']} classes")
-        num_classes = info["num_classes"] if cfg.model.conditional else 0
-        model = TarFlowConfig.from_string(arch_with_parts(cfg.model.arch, cfg.model), image_size=info["image_size"],
-                                          in_channels=info["channels"], num_classes=num_classes, nvp=cfg.model.nvp,
-                                          head_dim=cfg.model.head_dim)
-        if cfg.train.noise == "gaussian":
-            model.noise_std = cfg.train.noise_std
-        train = train_config(cfg)
-        if cfg.train.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {cfg.train.precision!r}")
-        if cfg.eval.attn_temp <= 0:
-            raise ConfigError(f"eval.attn_temp must be > 0, got {cfg.eval.attn_temp}")
-    except ConfigError as e:
-        raise ExperimentError(f"{source}: {e}") from None
-    workers = cfg.cluster.num_workers
-    if workers < 1:
-        raise ExperimentError(f"{source}: cluster.num_workers must be >= 1, got {workers}")
-    if cfg.train.batch_size % workers:
-        raise ExperimentError(f"{source}: train.batch_size={cfg.train.batch_size} is not divisible by "
-                              f"cluster.num_workers={workers}")
-    key = config_hash(cfg)
-    noise = f"{cfg.train.noise_std:g}" if cfg.train.noise == "gaussian" else "uniform"
-    safe_name = storage_safe(cfg.experiment.name)
-    return RunPlan(cfg=cfg, source=source, model=model, data=data, train=train, run_key=key,
-                   run_name=f"{safe_name}-{arch_name(model)}-{key}",
-                   display_name=cfg.tracking.run_name or f"{cfg.experiment.name}/{arch_name(model)}/{noise}",
-                   per_worker_batch=cfg.train.batch_size // workers, data_present=not info.get("absent"))
-
-
-def storage_safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
-
-
-ARCH_PARTS = ("patch_size", "width", "num_blocks", "layers_per_block")  # P-Ch-T-K, in model.arch's order
-
-
-def arch_with_parts(arch: str, parts) -> str:
-    """model.arch with the single parts that are set (model.num_blocks=4, ...: a sweep over depth) put in
-    their places: the architecture that is built. parts: model.* values by name, None where unset."""
-    fields = arch.split("-")
-    for i, key in enumerate(ARCH_PARTS[: len(fields)]):
-        if parts.get(key) is not None:
-            fields[i] = str(parts[key])
-    return "-".join(fields)
-
-
-def arch_name(model: TarFlowConfig) -> str:
-    """P-Ch-T-K of the model actually built (σ is shown separately)."""
-    return f"{model.patch_size}-{model.width}-{model.num_blocks}-{model.layers_per_block}"
-
-
-# characters MLflow refuses in a param name; a joint sweep axis ("model.num_blocks,model.layers_per_block") has one
-MLFLOW_UNSAFE_KEY = re.compile(r"[^\w\-. :/]+")
-
-
-def flat_params(cfg: DictConfig) -> dict[str, str]:
-    """Dotted keys -> string values, for MLflow params."""
-    out = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.lo is not None and self.hi is not None:
+            text = f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{kind} {'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is not None:
+            text = f"{kind} {'<' if self.hi_open else '<='} {self.hi:g}"
         else:
-            out[MLFLOW_UNSAFE_KEY.sub(" ", prefix)] = str(node)
+            text = kind
+        return f"null or {text}" if self.optional else text
 
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("reference", None)
-    if not (container["sweep"]["train_axes"] or container["sweep"]["sample_axes"]):
-        container.pop("sweep")
-    walk("", container)
+    def bad_example(self):
+        if self.lo is not None:
+            return self.lo - 1 if not self.lo_open else self.lo
+        return self.hi + 1 if not self.hi_open else self.hi
+
+
+@dataclass(frozen=True)
+class OneOf:
+    values: tuple
+    optional: bool = False
+
+    def accepts(self, v) -> bool:
+        return (v is None and self.optional) or (v is not None and v in self.values)
+
+    def describe(self) -> str:
+        return ("null or " if self.optional else "") + "one of " + ", ".join(map(str, self.values))
+
+    def bad_example(self):
+        return "bogus" if isinstance(self.values[0], str) else -99
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string: non-empty unless optional (null allowed), and a URL of one of `schemes` when given."""
+
+    optional: bool = False
+    schemes: tuple = ()
+
+    def accepts(self, v) -> bool:
+        if v is None:
+            return self.optional
+        if not isinstance(v, str) or not v.strip():
+            return False
+        return not self.schemes or urlsplit(v).scheme in self.schemes
+
+    def describe(self) -> str:
+        what = f"a {'/'.join(self.schemes)} URL" if self.schemes else "a non-empty string"
+        return f"null or {what}" if self.optional else what
+
+    def bad_example(self):
+        return "ftp://nowhere" if self.schemes else ""
+
+
+POSITIVE_INT = Range(lo=1, integer=True)
+NONNEG_INT = Range(lo=0, integer=True)
+POSITIVE = Range(lo=0, lo_open=True)
+NONNEG = Range(lo=0)
+FRACTION_OPEN = Range(lo=0, hi=1, lo_open=True, hi_open=True)
+
+# Every leaf key of the schema has a rule here, or is one of FREE_FORM (booleans and sections whose shape
+# the code that reads them checks: sweep axes, the paper's reference block). tests/test_config.py holds
+# the schema to this.
+VALUE_RULES = {
+    "experiment.name": Text(),
+    "experiment.scale": Text(),
+    "model.arch": Text(),
+    "model.patch_size": Range(lo=1, integer=True, optional=True),
+    "model.width": Range(lo=1, integer=True, optional=True),
+    "model.num_blocks": Range(lo=1, integer=True, optional=True),
+    "model.layers_per_block": Range(lo=1, integer=True, optional=True),
+    "model.head_dim": POSITIVE_INT,
+    "data.name": OneOf(("fashion_mnist", "mnist", "digits", "imagenet_npz", "image_folder")),
+    "data.root": Text(optional=True),
+    "data.image_size": Range(lo=1, integer=True, optional=True),
+    "data.fit": OneOf(("pad", "resize")),
+    "data.channels": OneOf((1, 3), optional=True),
+    "data.limit": Range(lo=1, integer=True, optional=True),
+    "data.val_limit": Range(lo=1, integer=True, optional=True),
+    "data.num_workers": NONNEG_INT,
+    "data.num_classes": Range(lo=0, integer=True, optional=True),
+    "data.train_images": Range(lo=1, integer=True, optional=True),
+    "train.batch_size": POSITIVE_INT,
+    "train.epochs": POSITIVE,
+    "train.steps": Range(lo=0, integer=True, optional=True),
+    "train.lr": POSITIVE,
+    "train.min_lr": NONNEG,
+    "train.weight_decay": NONNEG,
+    "train.warmup_epochs": NONNEG,
+    "train.noise": OneOf(("gaussian", "uniform")),
+    "train.noise_std": NONNEG,
+    "train.label_drop": Range(lo=0, hi=1, hi_open=True),
+    "train.precision": OneOf(("auto", "fp32", "bf16")),
+    "train.grad_clip": Range(lo=0, lo_open=True, optional=True),
+    "train.ema_decay": Range(lo=0, hi=1, lo_open=True, hi_open=True, optional=True),
+    "train.seed": NONNEG_INT,
+    "train.log_every": POSITIVE_INT,
+    "train.checkpoint_every": POSITIVE_INT,
+    "eval.num_samples": NONNEG_INT,
+    "eval.guidance": NONNEG,
+    "eval.attn_temp": POSITIVE,
+    "eval.denoise_step": POSITIVE,
+    "eval.sample_batch_size": POSITIVE_INT,
+    "eval.fid.num_samples": POSITIVE_INT,
+    "eval.fid.batch_size": POSITIVE_INT,
+    "eval.fid.inception_weights": Text(optional=True),
+    "eval.fid.reference_images": Range(lo=1, integer=True, optional=True),
+    "storage.uri": Text(),
+    "storage.endpoint_url": Text(optional=True, schemes=("http", "https")),
+    "storage.keep_checkpoints": POSITIVE_INT,
+    "tracking.uri": Text(optional=True),
+    "tracking.experiment": Text(optional=True),
+    "tracking.run_name": Text(optional=True),
+    "cluster.address": Text(optional=True),
+    "cluster.num_workers": POSITIVE_INT,
+    "cluster.cpus_per_worker": POSITIVE,
+    "cluster.gpus_per_worker": POSITIVE,
+    "cluster.num_cpus": Range(lo=1, integer=True, optional=True),
+    "cluster.max_failures": Range(lo=-1, integer=True),
+    "cluster.images_per_sec_per_gpu": Range(lo=0, lo_open=True, optional=True),
+    "cluster.gpu_peak_tflops": POSITIVE,
+    "cluster.assumed_mfu": Range(lo=0, hi=1, lo_open=True),
+    "sweep.search": OneOf(("grid", "random")),
+    "sweep.num_samples": POSITIVE_INT,
+    "sweep.max_concurrent": Range(lo=1, integer=True, optional=True),
+    "sweep.metric": Text(),
+    "sweep.mode": OneOf(("min", "max")),
+    "sweep.scheduler.type": OneOf(("asha", "fifo")),
+    "sweep.scheduler.metric": Text(),
+    "sweep.scheduler.mode": OneOf(("min", "max")),
+    "sweep.scheduler.grace_period": POSITIVE_INT,
+    "sweep.scheduler.reduction_factor": Range(lo=1, lo_open=True),
+}
+FREE_FORM = {"experiment.title", "train.betas", "sweep.train_axes", "sweep.sample_axes", "reference"}
+
+
+def check_values(cfg: DictConfig, source: str) -> None:
+    """Every value in its range (VALUE_RULES), and the few rules that tie two keys together."""
+    for key, rule in VALUE_RULES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if not rule.accepts(value):
+            raise ExperimentError(f"{source}: {key}={value!r} is out of range: it must be {rule.describe()}")
+    betas = list(cfg.train.betas)
+    if len(betas) != 2 or not all(Range(lo=0, hi=1, hi_open=True).accepts(b) for b in betas):
+        raise ExperimentError(f"{source}: train.betas={betas} is out of range: it must be two numbers in [0, 1)")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ExperimentError(f"{source}: train.min_lr={cfg.train.min_lr:g} is above train.lr={cfg.train.lr:g}; the "
+                              "schedule decays from lr down to min_lr")
+    if cfg.train.batch_size % cfg.cluster.num_workers:
+        raise ExperimentError(f"{source}: train.batch_size={cfg.train.batch_size} is not divisible by "
+                              f"cluster.num_workers={cfg.cluster.num_workers}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials in URIs never leave the process: what is printed, logged or stored is redacted
+
+REDACTED_KEYS = ("tracking.uri", "storage.uri", "storage.endpoint_url", "cluster.address", "data.root")
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """http://user:secret@host/x -> http://user:***@host/x (a password or token in a URI's user part)."""
+    if not uri or "@" not in uri or "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.password is None and not parts.username:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***" if parts.password is not None else "***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
+def redacted(cfg: DictConfig) -> dict:
+    """The resolved config as a plain dict, with credentials in its URIs masked: for printing and storing."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    for key in REDACTED_KEYS:
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict) and isinstance(out[section].get(name), str):
+            out[section][name] = redact_uri(out[section][name])
     return out
+
+
+def redacted_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(redacted(cfg)))

@@ -1,20 +1,32 @@
-"""End-of-run evaluation on the workers: held-out bits/dim (sharded over ranks), a sample grid, and FID
-with samples drawn on every worker."""
+"""Evaluation of a trained model on the Ray workers: held-out bits/dim (sharded over ranks), a sample grid,
+and FID with samples drawn on every worker. Called at the end of training (train_loop.py) and on the final
+checkpoint of a finished run (`evaluate_checkpoints_per_worker`: new eval settings, never a retrain)."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import tarflow
 from tarflow.data import DataConfig, ImageDataset, load_dataset, to_uint8
+
+from .plan import RunPlan, plan_run
+from .storage import RunStorage
+from .tracking import BACKLOG_FILE, RunLogger
+
+CHECKPOINT_FILE = "state.pt"
+FINAL_FILE = "final_metrics.json"  # <run>/final_metrics.json: a training run's final metrics, written by rank 0
+EVALUATED_PREFIX = "evaluated-"  # <run>/evaluated-<evaluation run id>.json: an evaluation's metrics, in storage
 
 
 def heldout_bpd(model: tarflow.TarFlow, val: ImageDataset, batch_size: int, device: torch.device,
@@ -75,7 +87,7 @@ class FeatureMoments:
         self.s2 += f.T @ f
         self.n += len(f)
 
-    def all_reduce(self, world: int) -> "FeatureMoments":
+    def all_reduce(self, world: int) -> FeatureMoments:
         if world > 1:
             for t in (self.s1, self.s2, self.n):
                 dist.all_reduce(t)
@@ -106,8 +118,6 @@ def inception_weights_file(spec: str | None, storage) -> str | None:
             os.replace(tmp, path)  # atomic: workers on one node may convert at the same time
         return str(path)
     if spec.startswith("s3://"):
-        from .storage import RunStorage
-
         remote = RunStorage(spec.rsplit("/", 1)[0], storage.endpoint_url)
         path = cache / ("inception-" + spec.replace("/", "_").replace(":", ""))
         if not path.exists():
@@ -171,3 +181,116 @@ def sample_fid(model: tarflow.TarFlow, eval_cfg, noise_std: float | None, refere
                            denoise_step=eval_cfg.denoise_step, generator=gen, device=device)
         moments.add(extractor(x.clamp(-1, 1)))
     return frechet_distance(moments.all_reduce(world).statistics(), reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# One evaluation of a model: what the eval section asks for
+
+
+class FIDContext:
+    """The Inception network and the reference statistics, built on first use and shared by every
+    evaluation of the same data (the base one and each sample-time setting of a sweep)."""
+
+    def __init__(self, cfg: DictConfig, plan: RunPlan, storage: RunStorage, rank: int, world: int,
+                 device: torch.device):
+        self.cfg, self.plan, self.storage = cfg, plan, storage
+        self.rank, self.world, self.device = rank, world, device
+        self._extractor = self._reference = None
+
+    def parts(self):
+        if self._extractor is None:
+            from tarflow.fid import InceptionFeatures
+
+            weights = inception_weights_file(self.cfg.eval.fid.inception_weights, self.storage)
+            self._extractor = InceptionFeatures(weights, device=self.device)
+            self._reference = reference_statistics(self.plan.data, self.cfg.eval.fid, self.storage, self._extractor,
+                                                   self.rank, self.world, self.device)
+        return self._extractor, self._reference
+
+
+def evaluate_model(model: tarflow.TarFlow, cfg: DictConfig, eval_cfg: DictConfig, plan: RunPlan,
+                   device: torch.device, rank: int, world: int, logger: RunLogger | None, fid: FIDContext,
+                   bpd: bool, samples: bool = True, seed_offset: int = 0) -> dict:
+    """Held-out BPD and FID on all ranks (each a share), the sample grid on rank 0 logged as an artifact.
+    bpd/samples: whether to compute them here (a sweep's sample-time settings share one BPD)."""
+    out = {}
+    noise_std = cfg.train.noise_std if cfg.train.noise == "gaussian" else None
+    if samples and eval_cfg.fid.enabled:
+        extractor, reference = fid.parts()
+        out["fid"] = sample_fid(model, eval_cfg, noise_std, reference, extractor, rank, world, device,
+                                seed=cfg.train.seed + seed_offset)
+    if bpd:
+        val = load_dataset(plan.data, "val")
+        if cfg.data.val_limit:
+            val = torch.utils.data.Subset(val, range(min(cfg.data.val_limit, len(val))))
+        out["bpd"] = heldout_bpd(model, val, plan.per_worker_batch, device, rank, world, seed=cfg.train.seed)
+    if samples and logger and eval_cfg.num_samples > 0:
+        e = eval_cfg
+        with tempfile.TemporaryDirectory() as tmp:
+            path = sample_grid_png(model, Path(tmp) / "samples.png", e.num_samples, e.sample_batch_size, device,
+                                   plan.model.num_classes, e.guidance, e.annealed_guidance, e.attn_temp,
+                                   noise_std if e.denoise else None, e.denoise_step, seed=cfg.train.seed)
+            logger.log_artifact(path, "samples")
+    return out
+
+
+def evaluate_settings(model: tarflow.TarFlow, cfg: DictConfig, plan: RunPlan, evaluations: list[dict], step: int,
+                      device: torch.device, rank: int, world: int, tracking_uri: str, fid: FIDContext) -> dict:
+    """Each evaluation ({"eval": eval section, "run_id": its MLflow run, "bpd"}) of one model, logged to its own
+    run. Returns {run_id: metrics}."""
+    out = {}
+    for i, evaluation in enumerate(evaluations):
+        logger = RunLogger(tracking_uri, evaluation["run_id"]) if rank == 0 else None
+        eval_cfg = OmegaConf.create(evaluation["eval"])
+        metrics = evaluate_model(model, cfg, eval_cfg, plan, device, rank, world, logger, fid,
+                                 bpd=evaluation.get("bpd", False), seed_offset=1 + i)
+        if logger and metrics:
+            logger.log_metrics(metrics, step=step)
+        out[evaluation["run_id"]] = metrics
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating finished runs on the Ray workers, from their final checkpoints
+
+
+def load_final_model(storage: RunStorage, run_name: str, checkpoint: str, device: torch.device) -> tuple:
+    """(model to evaluate (EMA weights when the run kept them), training step) of a stored checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = storage.download(f"{run_name}/{checkpoint}/{CHECKPOINT_FILE}", Path(tmp) / CHECKPOINT_FILE)
+        ckpt = tarflow.load_checkpoint(local, map_location="cpu")
+    return tarflow.model_from_checkpoint(ckpt).to(device), int(ckpt["step"])
+
+
+def evaluate_checkpoints_per_worker(config: dict) -> None:
+    """Ray Train entry: config["jobs"] lists finished runs ({"cfg", "source", "run_name", "checkpoint",
+    "evaluations"}); each rank loads every model and takes its share of every evaluation."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    storage = RunStorage(**config["storage"])
+    fid_by_data, results = {}, {}
+    for job in config["jobs"]:
+        cfg = OmegaConf.create(job["cfg"])
+        plan = plan_run(cfg, source=job["source"])
+        model, step = load_final_model(storage, job["run_name"], job["checkpoint"], device)
+        data_key = repr(plan.data)
+        fid = fid_by_data.setdefault(data_key, FIDContext(cfg, plan, storage, rank, world, device))
+        results[job["run_name"]] = evaluate_settings(model, cfg, plan, job["evaluations"], step, device, rank, world,
+                                                     config["tracking_uri"], fid)
+    pending = []
+    if rank == 0:  # storage first, the record of truth; then MLflow, which may be behind
+        for run_name, metrics in results.items():
+            for run_id, values in metrics.items():
+                storage.write_text(f"{run_name}/{EVALUATED_PREFIX}{run_id}.json", json.dumps(values))
+        queue = RunLogger(config["tracking_uri"], "").queue
+        pending = queue.close(30.0)
+        for job in config["jobs"]:
+            mine = {e["run_id"] for e in job["evaluations"]}
+            records = [r for r in pending if r["run_id"] in mine]
+            if records:
+                storage.write_text(f"{job['run_name']}/{BACKLOG_FILE}", json.dumps(records))
+    ray.train.report({"evaluated": len(config["jobs"]), "tracking_pending": len(pending)})

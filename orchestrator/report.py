@@ -1,208 +1,32 @@
-"""The paper's tables and figures, rebuilt from MLflow: our numbers beside the paper's.
+"""python -m orchestrator.report EXPERIMENT.yaml [key=value ...]
 
-python -m orchestrator.report EXPERIMENT.yaml [key=value ...]   rebuilds without training.
-
-An experiment's `reference:` block names the metric, the paper's rows (value, source, confidence),
-optionally a figure (y against x, one curve per series) and qualitative claims to check.
+Rebuilds an experiment's table (and figure) from MLflow without training: our numbers beside the paper's,
+written as markdown, CSV and LaTeX next to the checkpoints and logged to MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
-import pandas as pd
-from omegaconf import OmegaConf
-
-from .config import ARCH_PARTS, ExperimentError, RunPlan, arch_with_parts, cli_entry
-from .storage import RunStorage
-from .tracking import RUN_KEY_TAG, Tracker
-
-TABLE_TAG = "tarflow.kind"
-
-
-def collect_runs(tracker: Tracker, experiment: str) -> pd.DataFrame:
-    """Finished training runs and sample-time evaluations of an experiment, one row each, with params
-    (an evaluation inherits its trial's) and final metrics."""
-    exp = tracker.client.get_experiment_by_name(experiment)
-    if exp is None:
-        return pd.DataFrame()
-    runs = tracker.client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                                      max_results=10_000)
-    by_id = {r.info.run_id: r for r in runs}
-    rows = []
-    for r in runs:
-        tags = r.data.tags
-        if tags.get("sweep.kind") == "parent" or tags.get(TABLE_TAG) == "table" or RUN_KEY_TAG not in tags:
-            continue
-        parent = by_id.get(tags.get("mlflow.parentRunId", ""))
-        if tags.get("sweep.kind") == "sample_eval":
-            if parent is None:
-                continue
-            params = {**parent.data.params, **r.data.params}
-            metrics = {**parent.data.metrics, **r.data.metrics}
-            name, scale = parent.info.run_name, parent.data.tags.get("scale", "")
-        elif any(c.data.tags.get("mlflow.parentRunId") == r.info.run_id for c in runs):
-            continue  # a trial with sample-time evaluations: its evaluations are the rows
-        else:
-            params, metrics, name, scale = r.data.params, r.data.metrics, r.info.run_name, tags.get("scale", "")
-        rows.append({"run_name": name, "mlflow_run": r.info.run_id, "scale": scale, "started": r.info.start_time,
-                     **params, **{f"metric.{k}": v for k, v in metrics.items()}})
-    # in the order they ran (a grid's order), not MLflow's newest first
-    return pd.DataFrame(rows).sort_values("started", kind="stable").reset_index(drop=True) if rows else pd.DataFrame()
-
-
-def _config_of(row) -> str:
-    # P-Ch-T-K as trained; params are strings ("None" when unset), NaN where a run lacks the column
-    parts = {k: row.get(f"model.{k}") for k in ARCH_PARTS}
-    parts = {k: v for k, v in parts.items() if v is not None and pd.notna(v) and str(v) != "None"}
-    arch = "-".join(arch_with_parts(str(row.get("model.arch", "?-?-?-?")), parts).split("-")[:4])
-    noise = "uniform" if row.get("train.noise") == "uniform" else f"σ={row.get('train.noise_std')}"
-    shown_when = {"eval.guidance": lambda v: float(v) != 0, "eval.denoise": lambda v: v == "True",
-                  "model.nvp": lambda v: v == "False"}  # only what departs from the plain model
-    extras = [f"{k.split('.')[-1]}={row[k]}" for k, show in shown_when.items()
-              if k in row and pd.notna(row[k]) and show(row[k])]
-    return " ".join([arch, noise, *extras])
-
-
-def build_table(reference: dict, runs: pd.DataFrame) -> pd.DataFrame:
-    """Rows: the paper's baselines, the paper's TarFlow, then ours. Columns: metric, paper, ours, delta."""
-    metric = reference["metric"]
-    rows = []
-    paper_tarflow = None
-    for ref in reference.get("rows", []):
-        rows.append({"model": ref["model"], "config": ref.get("config", ""), "metric": metric,
-                     "paper": ref.get("value"), "ours": None, "delta": None, "scale": "",
-                     "source": ref.get("source", reference.get("source", "")),
-                     "confidence": ref.get("confidence", ""), "mlflow_run": ""})
-        if ref.get("ours_compare", ref.get("kind") == "tarflow") and paper_tarflow is None:
-            paper_tarflow = ref.get("value")
-    column = f"metric.{metric}"
-    if len(runs) and column in runs:
-        for _, run in runs.dropna(subset=[column]).iterrows():
-            ours = float(run[column])
-            rows.append({"model": "TarFlow (ours)", "config": _config_of(run), "metric": metric, "paper": None,
-                         "ours": ours, "delta": None if paper_tarflow is None else ours - paper_tarflow,
-                         "scale": run.get("scale", ""), "source": run["run_name"], "confidence": "",
-                         "mlflow_run": run["mlflow_run"]})
-    return pd.DataFrame(rows)
-
-
-def check_claims(reference: dict, runs: pd.DataFrame) -> list[str]:
-    """Qualitative claims: the mean metric where `lhs` holds beats the mean where `rhs` holds.
-    A value "max"/"min" in a condition means the largest/smallest value of that column."""
-    out = []
-    for claim in reference.get("claims", []):
-        column = f"metric.{claim.get('metric', reference['metric'])}"
-        lower = claim.get("better", reference.get("better", "lower")) == "lower"
-        if not len(runs) or column not in runs:
-            out.append(f"- {claim['text']}: no data yet")
-            continue
-
-        def select(cond):
-            sel = runs.dropna(subset=[column])
-            for key, want in cond.items():
-                if key not in sel:
-                    return sel.iloc[0:0]
-                values = pd.to_numeric(sel[key], errors="coerce")
-                if want in ("max", "min"):
-                    target = values.max() if want == "max" else values.min()
-                    sel = sel[values == target]
-                else:
-                    sel = sel[sel[key].astype(str).str.lower() == str(want).lower()]
-            return sel[column]
-
-        lhs, rhs = select(claim["lhs"]), select(claim["rhs"])
-        if lhs.empty or rhs.empty:
-            out.append(f"- {claim['text']}: no data yet")
-            continue
-        a, b = lhs.mean(), rhs.mean()
-        holds = a < b if lower else a > b
-        out.append(f"- {claim['text']}: {'holds' if holds else 'NOT visible here'} ({a:.4g} vs {b:.4g})")
-    return out
-
-
-def plot_figure(figure: dict, runs: pd.DataFrame, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x, y, series = figure["x"], f"metric.{figure['y']}", figure.get("series")
-    if not len(runs) or y not in runs or x not in runs:
-        return None
-    data = runs.dropna(subset=[y]).copy()
-    data[x] = pd.to_numeric(data[x], errors="coerce")
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    groups = data.groupby(series) if series and series in data else [(None, data)]
-    for label, g in groups:
-        g = g.groupby(x)[y].mean().sort_index()
-        ax.plot(g.index, g.values, marker="o", label=f"{series.split('.')[-1]}={label}" if label is not None else None)
-    ax.set_xlabel(figure.get("xlabel", x))
-    ax.set_ylabel(figure.get("ylabel", figure["y"]))
-    ax.set_title(figure.get("title", ""))
-    if series:
-        ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def render(table: pd.DataFrame, claims: list[str], title: str) -> str:
-    shown = table.drop(columns=["mlflow_run"]).astype(object)
-    shown = shown.where(shown.notna(), None)  # blanks, not "nan", for the cells a row does not have
-    md = shown.to_markdown(index=False, floatfmt=".4g", missingval="") if len(table) else "(empty)"
-    return f"## {title}\n\n{md}\n" + ("\nClaims of the paper, as seen in our runs:\n" + "\n".join(claims) + "\n"
-                                     if claims else "")
-
-
-def report(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
-    """Build, print, store and log the experiment's table (and figure). Returns the markdown."""
-    cfg = plan.cfg
-    if cfg.reference is None:
-        return ""
-    reference = OmegaConf.to_container(cfg.reference, resolve=True)
-    tracker = Tracker(tracking_uri)
-    runs = collect_runs(tracker, plan.experiment_name)
-    table = build_table(reference, runs)
-    claims = check_claims(reference, runs)
-    text = render(table, claims, cfg.experiment.title or cfg.experiment.name)
-    exp_id = tracker.experiment_id(plan.experiment_name)
-    run_id = tracker.start_run(exp_id, f"table-{plan.experiment_name}", f"{cfg.experiment.name}/table", {},
-                               tags={TABLE_TAG: "table"})
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        files = {"table.md": text, "table.csv": table.to_csv(index=False),
-                 "table.tex": table.drop(columns=["mlflow_run"]).to_latex(index=False, float_format="%.4g",
-                                                                          na_rep="")}
-        for name, content in files.items():
-            (tmp / name).write_text(content)
-            storage.write_text(f"tables/{plan.experiment_name}/{name}", content)
-        figure = reference.get("figure")
-        if figure and plot_figure(figure, runs, tmp / "figure.png"):
-            storage.write_bytes(f"tables/{plan.experiment_name}/figure.png", (tmp / "figure.png").read_bytes())
-        tracker.client.log_artifacts(run_id, str(tmp), "table")
-    tracker.finish(run_id, "FINISHED")
-    print(text, flush=True)
-    return text
+from .errors import ExperimentError, cli_entry
+from .lifecycle import catch_up_experiment, load_experiment
+from .tables import publish_table
+from .tracking import Tracker
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from .run import prepare
-
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.report", description=__doc__.split("\n\n")[1])
     parser.add_argument("experiment")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    plan, storage, tracking_uri = prepare(args.experiment, args.overrides, require_data=False)
+    plan, storage, tracking_uri = load_experiment(args.experiment, args.overrides, require_data=False)
     if plan.cfg.reference is None:
         raise ExperimentError(f"{plan.source} has no reference: block, so there is no table to build")
-    report(plan, storage, tracking_uri)
+    tracker = Tracker(tracking_uri)
+    catch_up_experiment(storage, plan.experiment_name, tracker)  # what MLflow missed while it was down
+    publish_table(plan, storage, tracking_uri)
     return 0
 
 

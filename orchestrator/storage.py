@@ -1,14 +1,19 @@
 """Where a run's checkpoints and records live: a local directory or an S3-compatible bucket.
 
 Ray Train writes checkpoints through a pyarrow filesystem; the same filesystem reads and writes the
-run's small records (resolved config, final result). boto3 only checks that an endpoint answers, so a
-bad endpoint fails in seconds with a clear message instead of deep inside a worker.
+run's small records (resolved config, final result). boto3 checks that an endpoint answers, so a bad
+endpoint fails in seconds with a clear message instead of deep inside a worker, and makes the conditional
+writes a lease needs (S3's If-None-Match / If-Match; a file lock on local paths), which pyarrow lacks.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import posixpath
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -58,15 +63,11 @@ class RunStorage:
             if not probe.is_dir() or not _writable(probe):
                 raise ExperimentError(f"storage {root} is not a writable directory")
             return
-        import boto3
-        import botocore.config
         import botocore.exceptions
 
         bucket = urlparse(self.uri).netloc
-        client = boto3.client("s3", endpoint_url=self.endpoint_url, config=botocore.config.Config(
-            connect_timeout=3, read_timeout=5, retries={"max_attempts": 1}))
         try:
-            client.head_bucket(Bucket=bucket)
+            self._s3_client(retries=1).head_bucket(Bucket=bucket)
         except botocore.exceptions.EndpointConnectionError:
             raise ExperimentError(f"S3 endpoint {self.endpoint_url or 'of AWS'} for storage {self.uri} is unreachable; "
                                   "check storage.endpoint_url and that the server is running") from None
@@ -78,6 +79,89 @@ class RunStorage:
             what = {"404": "does not exist", "NoSuchBucket": "does not exist", "403": "refuses these credentials"}
             raise ExperimentError(f"bucket {bucket!r} at {self.describe()} {what.get(code, f'answered {code}')}") \
                 from None
+
+    def _s3_client(self, retries: int = 3):
+        import boto3
+        import botocore.config
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, config=botocore.config.Config(
+            connect_timeout=3, read_timeout=10, retries={"max_attempts": retries}))
+
+    def _s3_key(self, relpath: str) -> tuple[str, str]:
+        parsed = urlparse(self.uri)
+        return parsed.netloc, posixpath.join(parsed.path.lstrip("/"), relpath)
+
+    # -- conditional writes: one writer wins ----------------------------------------------------
+
+    def read_versioned(self, relpath: str) -> tuple[bytes, str] | None:
+        """(content, version) of a record, or None; the version is what replace_if_version compares."""
+        if self.is_s3:
+            import botocore.exceptions
+
+            bucket, key = self._s3_key(relpath)
+            try:
+                obj = self._s3_client().get_object(Bucket=bucket, Key=key)
+            except botocore.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return obj["Body"].read(), obj["ETag"]
+        path = Path(self.uri) / relpath
+        with self._local_lock(path):
+            if not path.is_file():
+                return None
+            data = path.read_bytes()
+        return data, hashlib.sha256(data).hexdigest()
+
+    def create_if_absent(self, relpath: str, data: bytes) -> bool:
+        """Write a record only if none exists; False when another writer got there first."""
+        return self._conditional_put(relpath, data, None)
+
+    def replace_if_version(self, relpath: str, data: bytes, version: str) -> bool:
+        """Overwrite a record only if it is still at `version`; False when it changed meanwhile."""
+        return self._conditional_put(relpath, data, version)
+
+    def _conditional_put(self, relpath: str, data: bytes, version: str | None) -> bool:
+        if self.is_s3:
+            import botocore.exceptions
+
+            bucket, key = self._s3_key(relpath)
+            condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+            try:
+                self._s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            except botocore.exceptions.ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey"):
+                    return False
+                raise
+            return True
+        path = Path(self.uri) / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._local_lock(path):
+            current = path.read_bytes() if path.is_file() else None
+            if (version is None and current is not None) or (
+                    version is not None and (current is None or hashlib.sha256(current).hexdigest() != version)):
+                return False
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return True
+
+    def delete(self, relpath: str) -> None:
+        fs, path = self._path(relpath)
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+
+    @staticmethod
+    @contextmanager
+    def _local_lock(path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- small records next to the checkpoints -------------------------------------------------
 
@@ -109,6 +193,66 @@ class RunStorage:
         text = self.read_text(relpath)
         return None if text is None else json.loads(text)
 
+    def download(self, relpath: str, local: Path) -> Path:
+        """Copy one stored file to a local path (streamed: checkpoints can be many GB)."""
+        fs, path = self._path(relpath)
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise FileNotFoundError(f"{self.describe()}/{relpath} does not exist")
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return local
+
+    def move_dir(self, relpath: str, to_relpath: str) -> None:
+        """Move a directory within the storage (S3: copy every object, then delete the originals)."""
+        fs, src = self._path(relpath)
+        _, dst = self._path(to_relpath)
+        if not self.is_s3:
+            Path(dst).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+            return
+        fs.create_dir(dst, recursive=True)
+        pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src)
+
+    def move_file(self, relpath: str, to_relpath: str) -> None:
+        fs, src = self._path(relpath)
+        _, dst = self._path(to_relpath)
+        fs.create_dir(posixpath.dirname(dst), recursive=True)
+        if self.is_s3:
+            fs.copy_file(src, dst)
+            fs.delete_file(src)
+        else:
+            os.replace(src, dst)
+
+    def verify_file(self, relpath: str) -> bool:
+        """Check a stored checkpoint file against its checksum record (tarflow.save_checkpoint writes one);
+        False when it has none. CheckpointCorrupt when the stored bytes differ from those written; an
+        OSError when they could not all be read (a read cut short is an I/O problem, not corruption)."""
+        from tarflow.training import CHECKSUM_SUFFIX, CheckpointCorrupt, parse_checksum
+
+        record = self.read_text(relpath + CHECKSUM_SUFFIX)
+        if record is None:
+            return False
+        want_digest, want_size = parse_checksum(record)
+        fs, path = self._path(relpath)
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            raise CheckpointCorrupt(f"{self.describe()}/{relpath} is missing (its checksum record is there)")
+        if info.size != want_size:
+            raise CheckpointCorrupt(f"{self.describe()}/{relpath} is {info.size} bytes, {want_size} were written "
+                                    "(truncated or overwritten)")
+        digest, read = hashlib.sha256(), 0
+        with fs.open_input_stream(path) as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+                read += len(block)
+        if read != want_size:
+            raise OSError(f"read {read} of {want_size} bytes of {self.describe()}/{relpath}")
+        if digest.hexdigest() != want_digest:
+            raise CheckpointCorrupt(f"{self.describe()}/{relpath} does not match its checksum")
+        return True
+
     def list(self, relpath: str) -> list[str]:
         fs, path = self._path(relpath)
         if fs.get_file_info(path).type != pafs.FileType.Directory:
@@ -117,8 +261,6 @@ class RunStorage:
 
 
 def _writable(path: Path) -> bool:
-    import os
-
     return os.access(path, os.W_OK)
 
 

@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .config import ExperimentError, storage_safe
+from .errors import ExperimentError
+from .lifecycle import load_experiment
+from .plan import storage_safe
+from .sweep import sweep_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +128,7 @@ def running_duplicate(client, run_key: str) -> str | None:
     """The id of a job of this same run that is still pending or running, if any."""
     try:
         jobs = client.list_jobs()
-    except Exception:  # noqa: BLE001 - best effort: an old head may not list jobs
+    except Exception:
         return None
     for job in jobs:
         if (job.metadata or {}).get("tarflow.run_key") == run_key and str(job.status).split(".")[-1] in (
@@ -172,8 +175,6 @@ def follow(client, job_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run import prepare, sweep_of
-
     parser = argparse.ArgumentParser(prog="python -m orchestrator.submit", description=__doc__.split("\n\n")[1])
     parser.add_argument("experiment", help="experiment YAML inside this project, e.g. experiments/table2.yaml")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. scale=smoke storage=s3 tracking=server")
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     job_id = None
     try:
-        plan, storage, tracking_uri = prepare(args.experiment, args.overrides, require_data=False)  # data: cluster
+        # the data is on the cluster, not necessarily here
+        plan, storage, tracking_uri = load_experiment(args.experiment, args.overrides, require_data=False)
         sweep_of(plan, require_data=False)  # a sweep's whole search space, as orchestrator.run checks it
         command = entrypoint(Path(args.experiment), args.overrides)
         env_vars = job_env(dict(os.environ), args.env)

@@ -8,7 +8,6 @@ and unfinished ones resume their Ray Train run from its last checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import posixpath
@@ -18,7 +17,34 @@ from dataclasses import dataclass
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ExperimentError, RunPlan, flat_params, plan_run, storage_safe, with_overrides
+from .config import with_overrides
+from .errors import ExperimentError
+from .lease import RunLease
+from .lifecycle import (
+    catch_up_experiment,
+    checkpoint_to_resume,
+    evaluate_many,
+    missing_evaluations,
+    read_result,
+    start_evaluation_run,
+    start_tracked_run,
+    train_to_end,
+)
+from .plan import RunPlan, plan_run, short_hash, storage_safe
+from .records import (
+    BEST_OVERRIDES_TAG,
+    BEST_RUN_TAG,
+    KIND_TAG,
+    OVERRIDES_TAG,
+    STOPPED_TAG,
+    SWEEP,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    flat_params,
+    overrides_label,
+    runs_frame,
+    setting_label,
+)
 from .storage import RunStorage
 from .tracking import Tracker
 
@@ -80,7 +106,7 @@ def parse_axis(key: str, spec, source: str) -> Axis:
 class SweepPlan:
     base: RunPlan
     train_axes: list[Axis]
-    sample_settings: list[dict]     # each a dict of eval.* values; [{}] when there are no sample axes
+    sample_settings: list[dict]     # each a dict of eval.* values; [] when there are no sample axes
     sweep_key: str
     name: str                       # storage-safe: <experiment>-sweep-<key>
     display_name: str
@@ -122,12 +148,22 @@ def plan_sweep(base: RunPlan, require_data: bool = True) -> SweepPlan:
         for value in axis.probe_values():
             plan_run(with_overrides(cfg, expand({axis.key: value}), source),
                      source=f"{source} [sweep {axis.key}={value}]", require_data=require_data)
+    # no sample axes: no sample-time settings (product() of nothing would be one empty setting, a second
+    # evaluation of every trial identical to its own)
     settings = [dict(zip([a.key for a in sample_axes], combo))
-                for combo in itertools.product(*[a.values for a in sample_axes])]
-    key = hashlib.sha256(json.dumps([base.run_key, spec["train_axes"], spec["search"], spec["num_samples"]],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:10]
+                for combo in itertools.product(*[a.values for a in sample_axes])] if sample_axes else []
+    key = short_hash([base.run_key, spec["train_axes"], spec["search"], spec["num_samples"]])
     return SweepPlan(base=base, train_axes=train_axes, sample_settings=settings, sweep_key=key,
-                     name=f"{storage_safe(cfg.experiment.name)}-sweep-{key}", display_name=f"{cfg.experiment.name}/sweep")
+                     name=f"{storage_safe(cfg.experiment.name)}-sweep-{key}",
+                     display_name=f"{cfg.experiment.name}/sweep")
+
+
+def sweep_of(plan: RunPlan, require_data: bool = True) -> SweepPlan | None:
+    """The SweepPlan of an experiment with a sweep: section, its whole search space checked before anything
+    starts; None for a single run."""
+    if not (plan.cfg.sweep.train_axes or plan.cfg.sweep.sample_axes):
+        return None
+    return plan_sweep(plan, require_data=require_data)
 
 
 def num_trials(sweep: SweepPlan) -> int:
@@ -144,20 +180,22 @@ def describe_sweep(sweep: SweepPlan) -> str:
     return (f"sweep       {sweep.name}: {trials} trial(s) over {axes}\n"
             f"            scheduler {s.scheduler.type} on {s.scheduler.metric} ({s.scheduler.mode}); best by "
             f"{s.metric} ({s.mode})\n"
-            f"            {len(sweep.sample_settings)} sample-time setting(s) per trial: "
-            + "; ".join(setting_label(x) for x in sweep.sample_settings))
-
-
-def setting_label(setting: dict) -> str:
-    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in setting.items()) or "default"
-
-
-def trial_overrides_label(overrides: dict) -> str:
-    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+            f"            {len(sweep.sample_settings)} sample-time setting(s) per trial"
+            + (": " + "; ".join(setting_label(x) for x in sweep.sample_settings) if sweep.sample_settings else ""))
 
 
 # ---------------------------------------------------------------------------------------------
 # The trial: one Ray Train run launched from a Tune function trainable
+
+
+def trial_plan(config: dict) -> tuple[RunPlan, dict]:
+    """The run of one trial: the base config with the trial's train-axis values."""
+    overrides = expand(config["overrides"])
+    cfg = with_overrides(OmegaConf.create(config["base"]), overrides, config["source"])
+    plan = plan_run(cfg, source=config["source"])
+    if overrides:  # a sample-time-only sweep has one trial: the plain run
+        plan.display_name = f"{plan.display_name}[{overrides_label(overrides)}]"
+    return plan, overrides
 
 
 def run_trial(config: dict) -> None:
@@ -165,34 +203,23 @@ def run_trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .run import RESULT_FILE, start_tracked_run, train_to_end
-
-    overrides = expand(config["overrides"])
-    cfg = with_overrides(OmegaConf.create(config["base"]), overrides, config["source"])
-    plan = plan_run(cfg, source=config["source"])
-    if overrides:  # a sample-time-only sweep has one trial: the plain run
-        plan.display_name = f"{plan.display_name}[{trial_overrides_label(overrides)}]"
+    plan, overrides = trial_plan(config)
     storage = RunStorage(**config["storage"])
-    done = storage.read_json(f"{plan.run_name}/{RESULT_FILE}")
-    if done is not None:  # finished before an interruption of the sweep: report, don't reopen or retrain
+    done = read_result(storage, plan.run_name)
+    if done is not None:  # finished before: report, don't reopen or retrain (new settings: run_sweep's catch-up)
         ray.tune.report(done["metrics"])
         return
-    tracker = Tracker(config["tracking_uri"])
-    run_id = start_tracked_run(plan, storage, tracker, parent_run_id=config["parent_run_id"],
-                               extra_tags={"sweep.name": config["sweep_name"],
-                                           "sweep.trial": ray.tune.get_context().get_trial_id(),
-                                           "sweep.overrides": json.dumps(overrides)})
-    settings = []
-    for setting in config["sample_settings"]:
-        eval_cfg = with_overrides(cfg, setting, config["source"])
-        eval_id = tracker.start_run(tracker.experiment_id(plan.experiment_name),
-                                    f"{plan.run_key}-{hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]}",
-                                    f"{plan.display_name}/{setting_label(setting)}",
-                                    {k: str(v) for k, v in setting.items()},
-                                    tags={"mlflow.parentRunId": run_id, "sweep.kind": "sample_eval",
-                                          "sweep.setting": json.dumps(setting), "sweep.name": config["sweep_name"]})
-        settings.append({"eval": OmegaConf.to_container(eval_cfg.eval), "run_id": eval_id, "setting": setting})
-    train_to_end(plan, storage, tracker, run_id, sample_settings=settings, callbacks=[TuneReportCallback()])
+    with RunLease(storage, plan.run_name, f"trial of sweep {config['sweep_name']}"):
+        tracker = Tracker(config["tracking_uri"])
+        run_id = start_tracked_run(plan, storage, tracker, parent_run_id=config["parent_run_id"],
+                                   extra_tags={SWEEP_TAG: config["sweep_name"],
+                                               TRIAL_TAG: ray.tune.get_context().get_trial_id(),
+                                               OVERRIDES_TAG: json.dumps(overrides)})
+        evaluations = [start_evaluation_run(tracker, plan, run_id, with_overrides(plan.cfg, s, config["source"]),
+                                            s, bpd=False, extra_tags={SWEEP_TAG: config["sweep_name"]})
+                       for s in config["sample_settings"]]
+        train_to_end(plan, storage, tracker, run_id, evaluations=evaluations, callbacks=[TuneReportCallback()],
+                     resume_from=checkpoint_to_resume(plan, storage, set_aside_corrupt=False), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +243,12 @@ def max_concurrent(cfg: DictConfig) -> int:
 
 
 def run_sweep(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.DataFrame:
-    import ray
+    """The whole sweep, under one lease: a second launch of it is refused."""
+    with RunLease(storage, sweep.name, f"sweep {sweep.display_name}"):
+        return sweep_to_end(sweep, storage, tracking_uri)
+
+
+def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.DataFrame:
     from ray import tune
 
     from .trainer import init_ray
@@ -225,8 +257,9 @@ def run_sweep(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.Da
     cfg = base.cfg
     tracker = Tracker(tracking_uri)
     exp_id = tracker.experiment_id(base.experiment_name)
+    catch_up_experiment(storage, base.experiment_name, tracker)
     parent_id = tracker.start_run(exp_id, sweep.sweep_key, sweep.display_name, flat_params(cfg),
-                                  tags={"sweep.name": sweep.name, "sweep.kind": "parent"})
+                                  tags={SWEEP_TAG: sweep.name, KIND_TAG: SWEEP})
     init_ray(cfg, min_cpus=int(trial_resources(cfg)["CPU"] + 0.999))
     concurrency = max_concurrent(cfg)
     print(f"[sweep] {sweep.name}: {len(sweep.train_axes)} train axes, {len(sweep.sample_settings)} sample "
@@ -260,18 +293,18 @@ def run_sweep(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.Da
         )
     grid = tuner.fit()
     errored = {trial_id_of(r) for r in grid if r.error is not None}
+    catch_up_evaluations(sweep, storage, tracker, param_space)
 
-    table = results_table(tracker, exp_id, sweep, errored)
+    table = results_table(tracker, base.experiment_name, sweep, errored)
     close_runs(tracker, table, sweep)
     best = best_trial(table, s.metric, s.mode)
     report = table_markdown(table, best, s.metric, s.mode)
     tracker.client.log_text(parent_id, table.to_csv(index=False), "sweep/results.csv")
     tracker.client.log_text(parent_id, report, "sweep/results.md")
     if best is not None:
-        tracker.set_tags(parent_id, {"sweep.best_run": best["run_id"], "sweep.best_overrides": best["overrides"]})
+        tracker.set_tags(parent_id, {BEST_RUN_TAG: best["run_id"], BEST_OVERRIDES_TAG: best["overrides"]})
     tracker.finish(parent_id, "FINISHED")
     print(report, flush=True)
-    ray.shutdown()
     return table
 
 
@@ -279,30 +312,45 @@ def run_sweep(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.Da
 # Results: built from MLflow, the record of truth, so the table and the UI agree
 
 
-def results_table(tracker: Tracker, exp_id: str, sweep: SweepPlan, errored: set = frozenset()) -> pd.DataFrame:
-    """One row per trial × sample setting. A trial is finished (its run completed), failed (Tune saw an
-    error) or stopped (ASHA ended it early)."""
-    runs = tracker.client.search_runs([exp_id], filter_string=f"tags.`sweep.name` = '{sweep.name}'",
-                                      max_results=10_000)
-    trials = {r.info.run_id: r for r in runs if r.data.tags.get("sweep.trial")}
-    evals = [r for r in runs if r.data.tags.get("sweep.kind") == "sample_eval"]
+def catch_up_evaluations(sweep: SweepPlan, storage: RunStorage, tracker: Tracker, param_space: dict) -> None:
+    """Sample-time settings added since a trial finished (a rerun with new sample-axis values) are evaluated
+    on its final checkpoint, all in one Ray Train job; nothing is retrained, nothing evaluated twice."""
+    frame = runs_frame(tracker.client, sweep.base.experiment_name, sweep.name)
+    if not len(frame) or not sweep.sample_settings:
+        return
+    todo = []
+    for _, trial in frame[frame["trial"].notna()].drop_duplicates("train_run_id").iterrows():
+        overrides = json.loads(tracker.client.get_run(trial["train_run_id"]).data.tags.get(OVERRIDES_TAG) or "{}")
+        plan, _ = trial_plan({**param_space, "overrides": overrides})
+        done = read_result(storage, plan.run_name)
+        if done is not None and (missing := missing_evaluations(plan, done, sweep.sample_settings)):
+            todo.append((plan, done, missing))
+    if todo:
+        print(f"[sweep] evaluating {sum(len(m) for _, _, m in todo)} new sample-time setting(s) on the final "
+              f"checkpoints of {len(todo)} finished trial(s)", flush=True)
+        evaluate_many(sweep.base.cfg, storage, tracker, todo, bpd=False, extra_tags={SWEEP_TAG: sweep.name})
+
+
+def results_table(tracker: Tracker, experiment: str, sweep: SweepPlan, errored: set = frozenset()) -> pd.DataFrame:
+    """One row per trial × sample-time setting, with the trial's train-axis values, the setting's values and
+    the metrics (the trial's, and the setting's own on top). A trial is finished (its run completed), failed
+    (Tune saw an error) or stopped (ASHA ended it early)."""
+    frame = runs_frame(tracker.client, experiment, sweep.name)
+    if not len(frame):
+        return frame
+    frame = frame[frame["trial"].notna()]
+    axis_keys = [k for a in sweep.train_axes for k in a.key.split(",")]
+    setting_keys = list(sweep.sample_settings[0]) if sweep.sample_settings else []
     rows = []
-    for run_id, r in trials.items():
-        overrides = json.loads(r.data.tags["sweep.overrides"])  # already one entry per key
-        trial = r.data.tags["sweep.trial"]
-        status = "finished" if r.info.status == "FINISHED" else "failed" if trial in errored else "stopped"
-        base = {"trial": trial, "run_id": run_id, "overrides": trial_overrides_label(overrides),
-                **overrides, "status": status, "stopped_early": status == "stopped", **{f"train.{k}": v for k, v in r.data.metrics.items()
-                                                  if k in ("loss", "bpd")}}
-        mine = [e for e in evals if e.data.tags.get("mlflow.parentRunId") == run_id]
-        if not mine:
-            rows.append({**base, "setting": "default"})
-        for e in mine:
-            setting = json.loads(e.data.tags["sweep.setting"])
-            rows.append({**base, "setting": setting_label(setting), **setting, "eval_run_id": e.info.run_id,
-                         **{f"eval.{k}": v for k, v in e.data.metrics.items()}})
-    df = pd.DataFrame(rows)
-    return df.sort_values(["overrides", "setting"]).reset_index(drop=True) if len(df) else df
+    for _, r in frame.iterrows():
+        status = "finished" if r["status"] == "FINISHED" else "failed" if r["trial"] in errored else "stopped"
+        rows.append({"trial": r["trial"], "run_id": r["train_run_id"], "overrides": r["overrides"],
+                     **{k: r.get(k) for k in axis_keys}, "status": status, "stopped_early": status == "stopped",
+                     "setting": r["setting"], **{k: r.get(k) for k in setting_keys},
+                     "eval_run_id": r["run_id"] if r["kind"] == "evaluation" else None,
+                     **{c[len("metric."):]: r[c] for c in frame.columns if c.startswith("metric.") and pd.notna(r[c])}})
+    table = pd.DataFrame(rows)
+    return table.sort_values(["overrides", "setting"], kind="stable").reset_index(drop=True)
 
 
 def trial_id_of(result) -> str | None:
@@ -313,14 +361,14 @@ def trial_id_of(result) -> str | None:
 
 
 def best_trial(table: pd.DataFrame, metric: str, mode: str) -> dict | None:
-    for column in (f"eval.{metric}", f"train.{metric}"):
-        if column in table and table[column].notna().any():
-            ranked = table[table["status"] == "finished"].dropna(subset=[column])
-            if len(ranked):
-                row = ranked.loc[ranked[column].idxmin() if mode == "min" else ranked[column].idxmax()]
-                return {"run_id": row["run_id"], "overrides": row["overrides"], "setting": row["setting"],
-                        "metric": column, "value": float(row[column])}
-    return None
+    if metric not in table or not table[metric].notna().any():
+        return None
+    ranked = table[table["status"] == "finished"].dropna(subset=[metric])
+    if not len(ranked):
+        return None
+    row = ranked.loc[ranked[metric].idxmin() if mode == "min" else ranked[metric].idxmax()]
+    return {"run_id": row["run_id"], "overrides": row["overrides"], "setting": row["setting"], "metric": metric,
+            "value": float(row[metric])}
 
 
 def table_markdown(table: pd.DataFrame, best: dict | None, metric: str, mode: str) -> str:
@@ -337,5 +385,5 @@ def close_runs(tracker: Tracker, table: pd.DataFrame, sweep: SweepPlan) -> None:
     for _, row in table.iterrows():
         if row["status"] == "stopped":
             for run_id in filter(lambda x: isinstance(x, str), (row["run_id"], row.get("eval_run_id"))):
-                tracker.set_tags(run_id, {"sweep.stopped_early": "true"})
+                tracker.set_tags(run_id, {STOPPED_TAG: "true"})
                 tracker.finish(run_id, "KILLED")

@@ -1,23 +1,34 @@
 """Experiment tracking in MLflow: one experiment per YAML, one run per training run, found again by
 the run's config hash so that a restarted or repeated command continues the same MLflow run.
 
-The driver creates experiments and runs (SQLite stores must not see concurrent creation); rank 0 of
-the workers logs metrics and artifacts through RunLogger, which never logs a step twice.
+The driver creates experiments and runs (Tracker). The workers never wait on MLflow: rank 0 puts what it
+logs (metrics, tags, artifacts) on a queue that a background thread delivers in order, each metric step
+exactly once (steps MLflow already has are skipped). During an outage the queue keeps growing (bounded by
+what a run logs: one record per log interval), the outage is said once, and delivery resumes when the
+server is back. What is undelivered travels with every checkpoint, so a restart loses nothing; what is
+still undelivered at the end is kept in storage (`<run>/tracking_backlog.json`) and replayed by the next
+`orchestrator.run` or `orchestrator.report` of the experiment.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
+import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .errors import ExperimentError
+from .records import RUN_KEY_TAG, SUPERSEDED_TAG
 
-RUN_KEY_TAG = "tarflow.run_key"
+BACKLOG_FILE = "tracking_backlog.json"
 
 
 def resolve_tracking_uri(cfg) -> str:
@@ -33,11 +44,20 @@ def check_tracking(uri: str) -> None:
         return
     import requests
 
+    from .config import redact_uri
+
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as e:
-        raise ExperimentError(f"MLflow tracking server {uri} is unreachable ({type(e).__name__}); start it or set "
-                              "tracking.uri / MLFLOW_TRACKING_URI to a running server") from None
+        raise ExperimentError(f"MLflow tracking server {redact_uri(uri)} is unreachable ({type(e).__name__}); start "
+                              "it or set tracking.uri / MLFLOW_TRACKING_URI to a running server") from None
+
+
+def quick_failing_http() -> None:
+    """MLflow's HTTP client retries for minutes by default; ours fail within seconds and are handled."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 class Tracker:
@@ -45,7 +65,17 @@ class Tracker:
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.client = MlflowClient(uri)
+        if urlparse(uri).scheme == "sqlite":
+            # a new SQLite store is created (schema migrations) by the first client: two drivers starting at
+            # once must not both migrate it
+            db = Path(urlparse(uri).path)
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with open(db.with_name(db.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self.client = MlflowClient(uri)
+                self.client.search_experiments(max_results=1)
+        else:
+            self.client = MlflowClient(uri)
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -55,25 +85,40 @@ class Tracker:
         if urlparse(self.uri).scheme == "sqlite":
             # absolute, so that Ray workers (other working directories) write to the same place
             artifact_location = (Path(urlparse(self.uri).path).parent / "mlartifacts" / name).resolve().as_uri()
-        return self.client.create_experiment(name, artifact_location=artifact_location)
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # created meanwhile by another driver (RESOURCE_ALREADY_EXISTS, a unique index)
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def find_run(self, experiment_id: str, run_key: str):
         runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                                       max_results=2)
+                                       max_results=100)
+        runs = [r for r in runs if not r.data.tags.get(SUPERSEDED_TAG)]
         return runs[0] if runs else None
 
     def start_run(self, experiment_id: str, run_key: str, run_name: str, params: dict[str, str],
-                  tags: dict[str, str]) -> str:
-        """The run of this config: the existing one (reopened) or a new one with its params."""
-        run = self.find_run(experiment_id, run_key)
-        if run is not None:
-            self.client.update_run(run.info.run_id, status="RUNNING")
-            return run.info.run_id
+                  tags: dict[str, str], continue_existing: bool = True) -> str:
+        """The run of this config: the existing one (reopened) or a new one with its params. With
+        continue_existing=False an existing run is marked superseded by the new one (a fresh start)."""
+        old = self.find_run(experiment_id, run_key)
+        if old is not None and continue_existing:
+            self.client.update_run(old.info.run_id, status="RUNNING")
+            return old.info.run_id
         run = self.client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(run.info.run_id, params=items[i : i + 100])
+        if old is not None:
+            self.set_tags(old.info.run_id, {SUPERSEDED_TAG: run.info.run_id})
+            if old.info.status == "RUNNING":
+                self.finish(old.info.run_id, "KILLED")
         return run.info.run_id
+
+    def has_metrics(self, run_id: str) -> bool:
+        return bool(self.client.get_run(run_id).data.metrics)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -85,39 +130,155 @@ class Tracker:
         """The latest value of every metric of the run."""
         return dict(self.client.get_run(run_id).data.metrics)
 
-    def run_status(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.status
+
+# ---------------------------------------------------------------------------------------------
+# Delivery off the training path
+
+
+def metric_record(run_id: str, metrics: dict, step: int) -> dict:
+    return {"kind": "metrics", "run_id": run_id, "step": int(step), "ts": int(time.time() * 1000),
+            "values": {k: float(v) for k, v in metrics.items()}}
+
+
+def deliver(client: MlflowClient, records: list[dict], last_step: dict) -> None:
+    """Send records in order; metric steps at or below what MLflow already holds are skipped (exactly once).
+    last_step: (run_id, key) -> last step MLflow has, filled in per run on first sight and kept current."""
+    for rec in records:
+        run_id = rec["run_id"]
+        if rec["kind"] == "metrics":
+            if (run_id, None) not in last_step:
+                run = client.get_run(run_id)
+                for key in run.data.metrics:
+                    last_step[(run_id, key)] = max(m.step for m in client.get_metric_history(run_id, key))
+                last_step[(run_id, None)] = 0
+            fresh = [Metric(k, v, rec["ts"], rec["step"]) for k, v in rec["values"].items()
+                     if rec["step"] > last_step.get((run_id, k), -1)]
+            if fresh:
+                client.log_batch(run_id, metrics=fresh)
+                for m in fresh:
+                    last_step[(run_id, m.key)] = m.step
+        elif rec["kind"] == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in rec["values"].items()])
+        elif rec["kind"] == "artifact":
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(rec["path"]).name
+                path.write_bytes(base64.b64decode(rec["data"]))
+                client.log_artifact(run_id, str(path), str(Path(rec["path"]).parent) or None)
+        elif rec["kind"] == "status":
+            client.set_terminated(run_id, status=rec["status"])
+
+
+class TrackingQueue:
+    """One per process: records of any run, delivered in order by a daemon thread."""
+
+    def __init__(self, uri: str, say=print):
+        self.uri, self.say = uri, say
+        self.records: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.down_since: float | None = None
+        self.closing = False
+        self.closed = threading.Event()  # wakes a delivery thread that waits out an outage
+        self.last_step: dict = {}
+        self.delivered = 0
+        self.thread = threading.Thread(target=self._run, name="mlflow-delivery", daemon=True)
+        self.thread.start()
+
+    def put(self, record: dict) -> None:
+        with self.cond:
+            self.records.append(record)
+            self.cond.notify()
+
+    def requeue(self, records: list[dict]) -> None:
+        """Records carried over from before a restart go first (steps MLflow has are skipped)."""
+        with self.cond:
+            self.records.extendleft(reversed(records))
+            self.cond.notify()
+
+    def pending(self) -> list[dict]:
+        with self.cond:
+            return list(self.records)
+
+    def close(self, timeout: float) -> list[dict]:
+        """Wait up to timeout for the queue to drain; returns what is still undelivered."""
+        deadline = time.time() + timeout
+        self.closed.set()
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+            while self.records and time.time() < deadline:
+                self.cond.wait(min(1.0, max(0.01, deadline - time.time())))
+            return list(self.records)
+
+    def _run(self) -> None:
+        client = MlflowClient(self.uri)
+        wait = 1.0
+        while True:
+            with self.cond:
+                while not self.records:
+                    self.cond.wait()
+                batch = [self.records[0]]
+                # consecutive metric records go together: one request per run of them
+                for rec in list(self.records)[1:200]:
+                    if rec["kind"] != "metrics" or batch[-1]["kind"] != "metrics":
+                        break
+                    batch.append(rec)
+            try:
+                deliver(client, batch, self.last_step)
+            except Exception as e:  # any failure is an outage: keep the records, try later
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    self.say(f"[tracking] MLflow at {self.uri} is not answering ({type(e).__name__}); training goes "
+                             f"on and {len(self.records)} record(s) wait in the queue")
+                self.closed.wait(wait)  # new records do not shorten the wait: no request storm during an outage
+                wait = min(wait * 2, 30.0 if not self.closed.is_set() else 2.0)
+                continue
+            with self.cond:
+                for _ in batch:
+                    self.records.popleft()
+                self.delivered += len(batch)
+                self.cond.notify_all()
+            if self.down_since is not None:
+                self.say(f"[tracking] MLflow is back after {time.time() - self.down_since:.0f} s; delivering "
+                         f"{len(self.records) + len(batch)} queued record(s)")
+                self.down_since = None
+            wait = 1.0
 
 
 class RunLogger:
-    """Worker-side (rank 0): metrics with integer steps, each (key, step) at most once across restarts."""
+    """Worker-side (rank 0) logging into one MLflow run, through the process's TrackingQueue: never blocks."""
+
+    _queues: dict[str, TrackingQueue] = {}
 
     def __init__(self, uri: str, run_id: str):
-        self.client = MlflowClient(uri)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.queue = self._queues.get(uri) or self._queues.setdefault(uri, TrackingQueue(uri))
         self.run_id = run_id
-        run = self.client.get_run(run_id)
-        self.last_step = {key: max(m.step for m in self.client.get_metric_history(run_id, key))
-                          for key in run.data.metrics}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        fresh = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self.last_step.get(k, -1)]
-        if fresh:
-            self.client.log_batch(self.run_id, metrics=fresh)
-            for m in fresh:
-                self.last_step[m.key] = step
+        if metrics:
+            self.queue.put(metric_record(self.run_id, metrics, step))
 
     def set_tags(self, tags: dict) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.queue.put({"kind": "tags", "run_id": self.run_id, "values": {k: str(v) for k, v in tags.items()}})
+
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        self.queue.put({"kind": "artifact", "run_id": self.run_id, "path": artifact_file,
+                        "data": base64.b64encode(data).decode()})
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+        local_path = Path(local_path)
+        self.log_bytes(local_path.read_bytes(), f"{artifact_path}/{local_path.name}" if artifact_path
+                       else local_path.name)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        import json
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.log_bytes(json.dumps(data, indent=1).encode(), artifact_file)
 
 
-__all__ = ["Tracker", "RunLogger", "resolve_tracking_uri", "check_tracking", "RunStatus", "RUN_KEY_TAG"]
+def replay_backlog(tracker: Tracker, records: list[dict]) -> None:
+    """Deliver records a run left undelivered (raises if MLflow is still unreachable)."""
+    deliver(tracker.client, records, {})

@@ -1,4 +1,5 @@
-"""Ray: joining or starting a cluster, and the TorchTrainer that runs one training run."""
+"""Ray: joining or starting a cluster, and the TorchTrainers that run a training run or evaluate finished
+runs on the workers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import ray.train
 from omegaconf import OmegaConf
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from .config import ExperimentError, RunPlan
+from .config import redacted
+from .errors import ExperimentError
+from .evaluation import evaluate_checkpoints_per_worker
+from .plan import RunPlan
 from .storage import RunStorage
 from .train_loop import train_loop_per_worker
 
@@ -61,24 +65,44 @@ def scaling_config(cfg) -> ray.train.ScalingConfig:
 
 
 def build_trainer(plan: RunPlan, storage: RunStorage, tracking_uri: str, mlflow_run_id: str,
-                  sample_settings: list | tuple = (), callbacks: list | tuple = ()) -> TorchTrainer:
-    """sample_settings: extra sample-time evaluations after training ({"eval": ..., "run_id": ...})."""
+                  evaluations: list | tuple = (), callbacks: list | tuple = (), resume_from: str | None = None,
+                  board=None) -> TorchTrainer:
+    """evaluations: sample-time settings evaluated on the final model ({"eval": ..., "run_id": ...});
+    resume_from: the checkpoint the driver verified (used when Ray Train has no record of one); board: the
+    driver's progress actor."""
     cfg = plan.cfg
-    fs, root = storage.filesystem_and_root()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "source": plan.source,
                            "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
                            "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url},
-                           "sample_settings": list(sample_settings)},
+                           "resolved_config": redacted(cfg), "resume_from": resume_from, "board": board,
+                           "evaluations": list(evaluations)},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
-        run_config=ray.train.RunConfig(
-            name=plan.run_name,
-            storage_path=root,
-            storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
-            callbacks=list(callbacks),
-        ),
+        run_config=run_config(cfg, storage, plan.run_name, cfg.cluster.max_failures, callbacks),
+    )
+
+
+def build_evaluator(cfg, storage: RunStorage, tracking_uri: str, jobs: list[dict], name: str) -> TorchTrainer:
+    """Evaluate finished runs from their final checkpoints on cfg's workers; nothing is trained."""
+    return TorchTrainer(
+        evaluate_checkpoints_per_worker,
+        train_loop_config={"jobs": jobs, "tracking_uri": tracking_uri,
+                           "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url}},
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        scaling_config=scaling_config(cfg),
+        run_config=run_config(cfg, storage, name, 0, ()),
+    )
+
+
+def run_config(cfg, storage: RunStorage, name: str, max_failures: int, callbacks) -> ray.train.RunConfig:
+    fs, root = storage.filesystem_and_root()
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=root,
+        storage_filesystem=fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        callbacks=list(callbacks),
     )

@@ -326,16 +326,6 @@ class TarFlowConfig:
         return asdict(self)
 
 
-# Named configs from the paper, for experiments to refer to by a short string
-PAPER_CONFIGS = {
-    "imagenet64-bpd": ("2-768-8-8", dict(image_size=64, in_channels=3)),
-    "imagenet64-cond": ("2-768-8-8-0.05", dict(image_size=64, in_channels=3, num_classes=1000)),
-    "imagenet64-uncond": ("2-768-8-8-0.05", dict(image_size=64, in_channels=3)),
-    "imagenet128-cond": ("4-1024-8-8-0.15", dict(image_size=128, in_channels=3, num_classes=1000)),
-    "afhq256": ("8-768-8-8-0.07", dict(image_size=256, in_channels=3, num_classes=3)),
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # The model
 
@@ -491,4 +481,4 @@ class TarFlow(nn.Module):
         return out
 
 
-__all__ = ["ConfigError", "KVCache", "FlowBlock", "TransformerLayer", "TarFlowConfig", "TarFlow", "PAPER_CONFIGS"]
+__all__ = ["ConfigError", "KVCache", "FlowBlock", "TransformerLayer", "TarFlowConfig", "TarFlow"]

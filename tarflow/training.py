@@ -7,6 +7,7 @@ Any loop (a plain script, the orchestrator's Ray worker) builds a TrainState and
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -156,6 +157,49 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not match the run."""
 
 
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint whose bytes differ from those written (its checksum record says so)."""
+
+
+CHECKSUM_SUFFIX = ".sha256"  # beside each checkpoint file: "<sha256 hex> <size in bytes>"
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + CHECKSUM_SUFFIX)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def parse_checksum(text: str) -> tuple[str, int]:
+    digest, size = text.split()
+    return digest, int(size)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> bool:
+    """Check a checkpoint file against its checksum record; False when it has none (older checkpoints).
+    Raises CheckpointCorrupt naming what differs."""
+    path, record = Path(path), checksum_path(path)
+    if not record.is_file():
+        return False
+    want_digest, want_size = parse_checksum(record.read_text())
+    size = path.stat().st_size
+    if size != want_size:
+        raise CheckpointCorrupt(f"checkpoint {path} is {size} bytes, {want_size} were written (truncated or "
+                                "overwritten)")
+    digest, _ = file_sha256(path)
+    if digest != want_digest:
+        raise CheckpointCorrupt(f"checkpoint {path} does not match its checksum (sha256 {digest[:12]}…, "
+                                f"{want_digest[:12]}… written)")
+    return True
+
+
 def checkpoint_dict(state: TrainState, **extra) -> dict:
     """Everything needed to resume: plain tensors and Python values only (weights_only-loadable)."""
     return {
@@ -170,19 +214,24 @@ def checkpoint_dict(state: TrainState, **extra) -> dict:
 
 
 def save_checkpoint(path: str | os.PathLike, state: TrainState, **extra) -> Path:
-    """Atomic write (temp file + rename) so a crash never leaves a half-written checkpoint."""
+    """Atomic write (temp file + rename) so a crash never leaves a half-written checkpoint, with a checksum
+    record beside it (path + ".sha256") so that later corruption is told from a failed read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint_dict(state, **extra), tmp)
+    digest, size = file_sha256(tmp)
     os.replace(tmp, path)
+    checksum_path(path).write_text(f"{digest} {size}\n")
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint's dict, verified against its checksum record when it has one."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    verify_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated or foreign files

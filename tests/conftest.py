@@ -1,6 +1,13 @@
-"""Shared fixtures: real S3 and MLflow servers on 127.0.0.1 (session-scoped, started on demand)."""
+"""Shared fixtures: real S3 and MLflow servers on 127.0.0.1 (session-scoped, started on demand), and the
+two ways tests drive a command: in-process (`main(argv)`, for what needs no process of its own) or as the
+user does, `python -m orchestrator.<command>` in a subprocess."""
 
+import contextlib
+import io
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Before anything imports ray / mlflow.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -8,13 +15,46 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import itertools  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import itertools
+import uuid
+from dataclasses import dataclass
 
-import pytest  # noqa: E402
+import pytest
 
-from orchestrator.services import Service, create_bucket, s3_client, start_mlflow_server, start_s3_server  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "infra" / "local"))  # the dev servers live beside the local stack, not in the product
+
+from devservers import Service, create_bucket, s3_client, start_mlflow_server, start_s3_server  # noqa: E402
+
+EXPERIMENTS = ROOT / "experiments"
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_module(module: str, args, cwd, timeout: float = 900, **env) -> Result:
+    """`python -m orchestrator.<module> args` in cwd, as a user runs it (on its own local Ray unless told)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    r = subprocess.run([sys.executable, "-m", f"orchestrator.{module}", *map(str, args)], cwd=cwd,
+                       capture_output=True, text=True, timeout=timeout, env={**base, **env})
+    return Result(r.returncode, r.stdout, r.stderr)
+
+
+def run_main(main, args, cwd) -> Result:
+    """A command's main(argv) in this process, in cwd, with its output captured (no 8 s of imports)."""
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        os.chdir(old)
+    return Result(code, out.getvalue(), err.getvalue())
 
 S3_ACCESS_KEY = "testkey"
 S3_SECRET_KEY = "testsecret"

@@ -318,7 +318,8 @@ def test_flips_only_on_train_split():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="unknown dataset 'cifar'.*fashion_mnist, mnist, digits, imagenet_npz, image_folder"):
+    with pytest.raises(ConfigError,
+                       match="unknown dataset 'cifar'.*fashion_mnist, mnist, digits, imagenet_npz, image_folder"):
         DataConfig(name="cifar")
     with pytest.raises(ConfigError, match="fit must be one of"):
         DataConfig(fit="stretch")

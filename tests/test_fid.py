@@ -14,9 +14,20 @@ import torch
 from torch.utils.data import Subset
 
 from tarflow.data import DataConfig, load_dataset
-from tarflow.fid import (FEATURE_DIM, FIDStatistics, InceptionFeatures, conv_name_map, convert_fid_helper_weights,
-                         features_of_dataset, features_of_images, fid_helper_features, frechet_distance,
-                         load_fid_helper_model, reference_stats_key, to_inception_input)
+from tarflow.fid import (
+    FEATURE_DIM,
+    FIDStatistics,
+    InceptionFeatures,
+    conv_name_map,
+    convert_fid_helper_weights,
+    features_of_dataset,
+    features_of_images,
+    fid_helper_features,
+    frechet_distance,
+    load_fid_helper_model,
+    reference_stats_key,
+    to_inception_input,
+)
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION),

@@ -11,16 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_main
+from devservers import free_port, port_is_open, s3_client
 from mlflow.tracking import MlflowClient
 
 from orchestrator import submit as submit_mod
-from orchestrator.services import free_port, port_is_open, s3_client
 
-ROOT = Path(__file__).resolve().parents[1]
 TABLE2 = "experiments/table2.yaml"
-TINY = ["scale=smoke", "data.limit=256", "data.val_limit=64", "eval.num_samples=4", "eval.sample_batch_size=4",
-        "train.batch_size=32", "train.steps=10", "train.checkpoint_every=10", "train.log_every=5",
-        "cluster.num_workers=1"]
+TEST = ["scale=test", "train.steps=10", "train.log_every=5", "cluster.num_workers=1"]
 STACK_PY = ROOT / "infra" / "local" / "stack.py"
 
 
@@ -42,7 +40,7 @@ def stack_module():
 def test_unreachable_address_fails_fast_and_clearly():
     port = free_port()
     start = time.time()
-    r = submit([TABLE2, *TINY, "--address", f"http://127.0.0.1:{port}"])
+    r = run_main(submit_mod.main, [TABLE2, *TEST, "--address", f"http://127.0.0.1:{port}"], ROOT)
     assert r.returncode == 2 and time.time() - start < 60
     assert r.stderr.startswith(f"error: cannot reach the Ray Jobs API at http://127.0.0.1:{port}"), r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -50,6 +48,10 @@ def test_unreachable_address_fails_fast_and_clearly():
 
 def test_bad_config_fails_before_contacting_the_cluster(tmp_path):
     port = free_port()
+
+    def submit(args):
+        return run_main(submit_mod.main, args, ROOT)
+
     r = submit([TABLE2, "train.lerning_rate=1", "--address", f"http://127.0.0.1:{port}"])
     assert r.returncode == 2 and "unknown key 'train.lerning_rate'" in r.stderr and "Jobs API" not in r.stderr
     r = submit(["experiments/sweep_patch_noise.yaml", "++sweep.train_axes.model.foo=[1,2]", "--address",
@@ -78,7 +80,7 @@ def test_secrets_never_travel_with_the_job():
 
 
 def test_the_entrypoint_is_stable_and_the_job_id_readable():
-    from orchestrator.run import prepare
+    from orchestrator.lifecycle import load_experiment as prepare
 
     rel = submit_mod.entrypoint(Path(TABLE2), ["scale=smoke", "train.steps=10"])
     absolute = submit_mod.entrypoint(ROOT / TABLE2, ["scale=smoke", "train.steps=10"])
@@ -109,7 +111,7 @@ def test_rayjob_runs_the_stable_command_with_secrets_from_a_secret(monkeypatch):
     command = job["spec"]["entrypoint"].split("&&")[-1].split()
     assert command[:4] == ["python", "-m", "orchestrator.run", TABLE2]
     # the entrypoint's config composes with the ConfigMap's settings (data absent here, as on a laptop)
-    from orchestrator.run import prepare
+    from orchestrator.lifecycle import load_experiment as prepare
 
     for key, value in settings.items():
         monkeypatch.setenv(key, value)
@@ -185,13 +187,13 @@ def test_local_stack_submit_resume_and_down(local_stack):
     assert again.returncode == 0 and "already up" in again.stdout, again.stdout + again.stderr
 
     # a client without the cluster's token is refused in one clear paragraph
-    r = submit([TABLE2, *TINY, "storage=s3", "tracking=server", "--address", address],
+    r = submit([TABLE2, *TEST, "storage=s3", "tracking=server", "--address", address],
                env={**env, "RAY_AUTH_MODE": "disabled"}, timeout=120)
     assert r.returncode == 2 and "requires token authentication" in r.stderr and "Traceback" not in r.stderr, \
         r.stderr[-2000:]
 
     exp = f"stack-{time.time_ns()}"
-    args = [TABLE2, *TINY, "storage=s3", "tracking=server", f"experiment.name={exp}", "--address", address]
+    args = [TABLE2, *TEST, "storage=s3", "tracking=server", f"experiment.name={exp}", "--address", address]
     started = time.time()
     r = submit([*args, "--follow"], env=env)
     took = time.time() - started
@@ -201,7 +203,7 @@ def test_local_stack_submit_resume_and_down(local_stack):
 
     client = MlflowClient(stack_env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
-    train = [x for x in runs if x.data.tags.get("tarflow.kind") != "table"]
+    train = [x for x in runs if x.data.tags.get("tarflow.kind") == "run"]
     assert len(train) == 1 and train[0].info.status == "FINISHED" and "bpd" in train[0].data.metrics
     assert train[0].info.run_name == f"{exp}/4-64-2-2/uniform" and train[0].data.tags["ray_job_id"]
     run_name = train[0].data.tags["storage"].rsplit("/", 1)[-1]
@@ -224,7 +226,7 @@ def test_local_stack_submit_resume_and_down(local_stack):
     assert "already finished; not retraining" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
     assert s3.head_object(Bucket="tarflow", Key=f"runs/{run_name}/result.json")["LastModified"] == result_before
     assert len([x for x in client.search_runs([train[0].info.experiment_id])
-                if x.data.tags.get("tarflow.kind") != "table"]) == 1
+                if x.data.tags.get("tarflow.kind") == "run"]) == 1
 
     # a job that fails on the cluster (its data is missing there) makes the exit code 1, with the reason
     r = submit([*args[:-2], "data.root=/nonexistent/fashion-mnist", "--address", address], env=env, timeout=300)

@@ -14,16 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from devservers import start_mlflow_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from orchestrator.services import start_mlflow_server
-
 ROOT = Path(__file__).resolve().parents[1]
 TABLE2 = str(ROOT / "experiments" / "table2.yaml")
-TINY = ["scale=smoke", "data.limit=512", "data.val_limit=128", "eval.num_samples=4", "eval.sample_batch_size=4",
-        "train.batch_size=32", "train.steps=10", "train.log_every=2", "train.checkpoint_every=10",
-        "cluster.num_workers=1"]
+TEST = ["scale=test", "train.steps=10", "train.log_every=2", "cluster.num_workers=1"]
 RUN_NAME = "table2/4-64-2-2/uniform"
 CHROMIUM = os.environ.get("TARFLOW_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("TARFLOW_CHROMEDRIVER", shutil.which("chromedriver") or "/usr/bin/chromedriver")
@@ -51,7 +48,7 @@ def tracked_experiment(tmp_path_factory):
     try:
         env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
         env.pop("RAY_ADDRESS", None)
-        r = subprocess.run([sys.executable, "-m", "orchestrator.run", TABLE2, *TINY], cwd=work, env=env,
+        r = subprocess.run([sys.executable, "-m", "orchestrator.run", TABLE2, *TEST], cwd=work, env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         client = MlflowClient(server.url)
@@ -89,7 +86,8 @@ def wait_for_text(driver, *texts, timeout=WAIT_S):
     try:
         WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: all(t in page_text(d) for t in texts))
     except WebDriverException:
-        raise AssertionError(f"{texts} not shown at {driver.current_url}; the page shows:\n{page_text(driver)[:3000]}")
+        shows = page_text(driver)[:3000]
+        raise AssertionError(f"{texts} not shown at {driver.current_url}; the page shows:\n{shows}") from None
 
 
 def click(driver, locator, timeout=WAIT_S):
@@ -100,7 +98,8 @@ def click(driver, locator, timeout=WAIT_S):
     try:
         element = WebDriverWait(driver, timeout, poll_frequency=0.5).until(find)
     except WebDriverException:
-        raise AssertionError(f"no {locator} at {driver.current_url}; the page shows:\n{page_text(driver)[:3000]}")
+        shows = page_text(driver)[:3000]
+        raise AssertionError(f"no {locator} at {driver.current_url}; the page shows:\n{shows}") from None
     element.click()
 
 
@@ -161,6 +160,6 @@ def test_mlflow_ui_shows_the_run_its_metric_charts_and_samples(tracked_experimen
         WebDriverWait(d, WAIT_S, poll_frequency=0.5).until(
             lambda x: ["blob:", width, height] in x.execute_script(shown))
     except WebDriverException:
-        raise AssertionError(f"no {width}x{height} preview of samples.png; images: {d.execute_script(shown)}")
+        raise AssertionError(f"no {width}x{height} preview of samples.png; images: {d.execute_script(shown)}") from None
     screenshot(d, tmp_path, "mlflow-samples")
     print(f"UI walk-through in {time.time() - started:.1f}s; screenshots in {tmp_path}")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tarflow import (ConfigError, TarFlow, TarFlowConfig, bits_per_dim, denoise, dequantize_uniform, sample)
+from tarflow import ConfigError, TarFlow, TarFlowConfig, bits_per_dim, denoise, dequantize_uniform, sample
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reference"
 
@@ -261,12 +261,6 @@ def test_flops_per_image():
                                                      if n.endswith("weight") and p.dim() == 2)
     assert weight_flops <= fwd <= 1.5 * weight_flops
     assert model.flops_per_image(training=True) == 3 * fwd
-
-
-def test_config_flops_per_image_is_the_models():
-    model = tiny_model(num_classes=3, nvp=False)
-    assert model.flops_per_image() == model.config.flops_per_image()
-    assert model.config.flops_per_image(training=True) == model.flops_per_image(training=True)
 
 
 @pytest.mark.parametrize("nvp", [True, False])

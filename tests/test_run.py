@@ -9,19 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import EXPERIMENTS, run_main, run_module
+from devservers import free_port
 from mlflow.tracking import MlflowClient
 
-from orchestrator.services import free_port
+from orchestrator.run import main
 
-ROOT = Path(__file__).resolve().parents[1]
-TABLE2 = str(ROOT / "experiments" / "table2.yaml")
-TINY = ["scale=smoke", "data.limit=512", "data.val_limit=128", "eval.num_samples=4", "eval.sample_batch_size=4",
-        "train.batch_size=32"]
+TABLE2 = str(EXPERIMENTS / "table2.yaml")
+TEST = ["scale=test"]
 
 
 def cli(args, cwd, timeout=600, **env):
-    return subprocess.run([sys.executable, "-m", "orchestrator.run", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **env})
+    return run_module("run", args, cwd, timeout, **env)
 
 
 def start_cli(args, cwd, log: Path):
@@ -34,7 +33,7 @@ def runs_of(tracking_uri, experiment="table2"):
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     runs = [] if exp is None else client.search_runs([exp.experiment_id])
-    return client, [r for r in runs if r.data.tags.get("tarflow.kind") != "table"]
+    return client, [r for r in runs if r.data.tags.get("tarflow.kind") == "run"]
 
 
 def steps_of(client, run_id, key):
@@ -59,7 +58,7 @@ def test_unknown_key_in_the_yaml_names_key_and_file(tmp_path):
     exp.write_text("defaults:\n  - base\n  - _self_\n  - scale: smoke\ntrain:\n  lerning_rate: 0.1\n")
     work = tmp_path / "work"
     work.mkdir()
-    assert_clean_failure(cli([str(exp)], work), work, "mine.yaml", "unknown key 'train.lerning_rate'")
+    assert_clean_failure(run_main(main, [exp], work), work, "mine.yaml", "unknown key 'train.lerning_rate'")
 
 
 @pytest.mark.parametrize("override,fragments", [
@@ -68,35 +67,38 @@ def test_unknown_key_in_the_yaml_names_key_and_file(tmp_path):
     ("model.arch=3-64-2-2", ["patch_size=3 does not divide image_size=16"]),
     ("model.arch=4-100-2-2", ["width=100 is not a multiple"]),
     ("data.root=/nonexistent/fmnist", ["/nonexistent/fmnist", "fashion_mnist"]),
-    ("train.noise_std=-0.5", ["noise_std must be >= 0"]),
+    ("train.noise_std=-0.5", ["train.noise_std=-0.5 is out of range: it must be a number >= 0"]),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, override, fragments):
-    assert_clean_failure(cli([TABLE2, *TINY, override], tmp_path), tmp_path, *fragments)
+    assert_clean_failure(run_main(main, [TABLE2, *TEST, override], tmp_path), tmp_path, *fragments)
 
 
-def test_unreachable_services_fail_fast(tmp_path):
+def test_unreachable_services_fail_fast(tmp_path, monkeypatch):
     port = free_port()
-    r = cli([TABLE2, *TINY, "storage.uri=s3://bucket/runs", f"storage.endpoint_url=http://127.0.0.1:{port}"], tmp_path,
-            AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    r = run_main(main, [TABLE2, *TEST, "storage.uri=s3://bucket/runs", f"storage.endpoint_url=http://127.0.0.1:{port}"],
+                 tmp_path)
     assert_clean_failure(r, tmp_path, f"S3 endpoint http://127.0.0.1:{port}", "unreachable")
-    r = cli([TABLE2, *TINY, f"tracking.uri=http://127.0.0.1:{port}"], tmp_path)
+    r = run_main(main, [TABLE2, *TEST, f"tracking.uri=http://127.0.0.1:{port}"], tmp_path)
     assert_clean_failure(r, tmp_path, f"MLflow tracking server http://127.0.0.1:{port} is unreachable")
 
 
 @pytest.mark.slow
-def test_missing_bucket_and_bad_credentials_are_named(tmp_path, s3_server):
-    r = cli([TABLE2, *TINY, "storage.uri=s3://no-such-bucket/runs", f"storage.endpoint_url={s3_server.endpoint_url}"],
-            tmp_path)
+def test_missing_bucket_and_bad_credentials_are_named(tmp_path, s3_server, monkeypatch):
+    r = run_main(main, [TABLE2, *TEST, "storage.uri=s3://no-such-bucket/runs",
+                        f"storage.endpoint_url={s3_server.endpoint_url}"], tmp_path)
     assert_clean_failure(r, tmp_path, "bucket 'no-such-bucket'", "does not exist")
     if s3_server.kind == "seaweedfs":
         bucket = s3_server.make_bucket("creds")
-        r = cli([TABLE2, *TINY, f"storage.uri=s3://{bucket}/runs", f"storage.endpoint_url={s3_server.endpoint_url}"],
-                tmp_path, AWS_SECRET_ACCESS_KEY="wrong")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        r = run_main(main, [TABLE2, *TEST, f"storage.uri=s3://{bucket}/runs",
+                            f"storage.endpoint_url={s3_server.endpoint_url}"], tmp_path)
         assert_clean_failure(r, tmp_path, f"bucket '{bucket}'", "refuses these credentials")
 
 
 def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
-    r = cli([TABLE2, "--dry-run"], tmp_path)  # paper scale: ImageNet is absent here, the plan still prints
+    r = run_main(main, [TABLE2, "--dry-run"], tmp_path)  # paper scale: ImageNet is absent here, the plan still prints
     assert r.returncode == 0, r.stderr
     assert "model       2-768-8-8  image 3x64x64, 1024 tokens of 12" in r.stdout
     assert "workers     8 × (8 CPU, 1 GPU)" in r.stdout and "ABSENT" in r.stdout
@@ -110,7 +112,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_on_a_multinode_cluster_with_s3_and_mlflow(tmp_path, ray_cluster, s3_server, mlflow_server):
     bucket = s3_server.make_bucket("ckpt")
-    args = [TABLE2, *TINY, "train.steps=30", "train.checkpoint_every=10", "train.log_every=5",
+    args = [TABLE2, *TEST, "train.log_every=5",
             f"cluster.address={ray_cluster}", f"storage.uri=s3://{bucket}/runs",
             f"storage.endpoint_url={s3_server.endpoint_url}", f"tracking.uri={mlflow_server}"]
     r = cli(args, tmp_path)
@@ -121,6 +123,9 @@ def test_end_to_end_on_a_multinode_cluster_with_s3_and_mlflow(tmp_path, ray_clus
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "table2/4-64-2-2/uniform"
     assert steps_of(client, run.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]
+    progress = [line for line in r.stdout.splitlines() if line.startswith("[table2/4-64-2-2/uniform] step ")]
+    assert [line.split()[2] for line in progress] == ["5/30", "10/30", "15/30", "20/30", "25/30", "30/30"], r.stdout
+    assert all(" img/s  elapsed " in line and " eta " in line for line in progress)
     assert 0 < run.data.metrics["bpd"] < 10 and run.data.metrics["images_per_sec"] > 0
     assert run.data.params["model.arch"] == "4-64-2-2" and run.data.params["train.noise"] == "uniform"
     assert run.data.tags["ray.num_nodes"] == "2"  # the two ranks ran on different Ray nodes
@@ -148,7 +153,7 @@ def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, 
     import psutil
 
     exp = "resume-" + str(time.time_ns())
-    args = [TABLE2, *TINY, "model.arch=4-128-2-2", "train.steps=400", "train.checkpoint_every=50",
+    args = [TABLE2, *TEST, "model.arch=4-128-2-2", "train.steps=400", "train.checkpoint_every=50",
             "train.log_every=10", f"experiment.name={exp}", f"cluster.address={ray_cluster}",
             f"tracking.uri={mlflow_server}", "storage.async_upload=false"]
 
@@ -165,6 +170,10 @@ def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, 
     # 1. kill one training worker mid-run: Ray restarts the group from the last checkpoint
     proc = start_cli(args, tmp_path, tmp_path / "log1.txt")
     wait_for_step(120, proc)
+    # a second launch of the same run is refused while the first drives it, naming the holder
+    second = cli(args, tmp_path, timeout=300)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "already being driven by another launch" in second.stderr and f"pid {proc.pid} " in second.stderr
     workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     assert workers
     workers[0].kill()
@@ -174,6 +183,7 @@ def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, 
     proc.wait()
     r = cli(args, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "took over the stale lease" in r.stdout  # its driver died: the lease does not block the resume
 
     client, runs = runs_of(mlflow_server, exp)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -186,21 +196,62 @@ def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, 
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoint_is_named_and_nothing_is_lost(tmp_path, ray_cluster):
-    args = [TABLE2, *TINY, "train.steps=20", "train.checkpoint_every=10", "train.log_every=10", "eval.bpd=false",
-            "eval.num_samples=0", f"cluster.address={ray_cluster}", "cluster.max_failures=0", "storage.uri=store",
-            "experiment.name=corrupt"]
+def test_corrupt_checkpoint_is_refused_at_once_and_set_aside_on_request(tmp_path, ray_cluster):
+    args = [TABLE2, *TEST, "train.steps=20", "eval.bpd=false", "eval.num_samples=0", f"cluster.address={ray_cluster}",
+            "cluster.max_failures=3", "storage.uri=store", "experiment.name=corrupt", "cluster.num_workers=1"]
     r = cli(args, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_dir = next((tmp_path / "store").glob("corrupt-*"))
     (run_dir / "result.json").unlink()  # as if the run had stopped after its last checkpoint
     latest = run_dir / "checkpoint_00000020" / "state.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
-    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*"))
-    r = cli(args, tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*") if not p.name.endswith(".lock"))
+
+    started = time.time()
+    r = cli(args, tmp_path)  # deterministic corruption: refused before any training, not retried 3 times
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
-    err = next(line for line in r.stderr.splitlines() if line.startswith("error: "))  # Ray's log lines may follow
-    assert err.startswith("error: cannot resume from checkpoint") and "checkpoint_00000020" in err, err
-    assert "is corrupt" in err
-    after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*"))
-    assert set(before) <= set(after)  # nothing already saved was removed
+    err = next(line for line in r.stderr.splitlines() if line.startswith("error: "))
+    assert err.startswith("error: cannot resume from checkpoint checkpoint_00000020 of run corrupt-"), err
+    assert "is 1000 bytes" in err and "the checkpoint before it (checkpoint_00000010)" in err, err
+    assert "--set-aside-corrupt-checkpoint" in err and "nothing was deleted" in err, err
+    assert time.time() - started < 60
+    after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*") if not p.name.endswith(".lock"))
+    assert before == after  # nothing saved was removed or added
+
+    r = cli([*args, "--set-aside-corrupt-checkpoint"], tmp_path)  # the supported way on: works end to end
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "set aside corrupt checkpoint checkpoint_00000020" in r.stdout
+    (kept,) = (run_dir / "corrupt").glob("checkpoint_00000020-*")
+    assert (kept / "state.pt").stat().st_size == 1000  # kept as it was, for a post-mortem
+    assert (run_dir / "result.json").is_file()
+    assert (run_dir / "checkpoint_00000020" / "state.pt").stat().st_size > 1000  # trained again from step 10
+    assert cli(args, tmp_path).returncode == 0  # and a finished run again
+
+
+@pytest.mark.slow
+def test_new_eval_settings_of_a_finished_run_are_evaluated_on_its_checkpoint_not_retrained(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [TABLE2, *TEST, "train.steps=10", "eval.bpd=false", "cluster.num_workers=1", f"tracking.uri={uri}",
+            "experiment.name=reeval"]
+    assert cli(args, tmp_path).returncode == 0
+    client, runs = runs_of(uri, "reeval")
+    (train,) = runs
+    assert "bpd" not in train.data.metrics
+    loss_steps = steps_of(client, train.info.run_id, "loss")
+
+    r = cli([*args, "eval.bpd=true"], tmp_path)  # "I forgot BPD": evaluated on the final checkpoint
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "evaluating the new eval settings on its final checkpoint checkpoint_00000010" in r.stdout
+    exp = client.get_experiment_by_name("reeval")
+    evals = [x for x in client.search_runs([exp.experiment_id]) if x.data.tags.get("tarflow.kind") == "evaluation"]
+    assert len(evals) == 1 and evals[0].data.tags["mlflow.parentRunId"] == train.info.run_id
+    assert evals[0].info.status == "FINISHED" and 0 < evals[0].data.metrics["bpd"] < 10
+    assert [a.path for a in client.list_artifacts(evals[0].info.run_id, "samples")] == ["samples/samples.png"]
+    assert steps_of(client, train.info.run_id, "loss") == loss_steps  # nothing retrained
+    assert "| TarFlow (ours)" in r.stdout and f"{evals[0].data.metrics['bpd']:.4g}" in r.stdout
+
+    for extra in (["eval.bpd=true"], []):  # both settings are done now: nothing runs again
+        r = cli([*args, *extra], tmp_path)
+        assert r.returncode == 0 and "already finished and evaluated with these settings" in r.stdout
+    assert len([x for x in client.search_runs([exp.experiment_id])
+                if x.data.tags.get("tarflow.kind") == "evaluation"]) == 1

@@ -4,42 +4,12 @@ import os
 
 import pytest
 from botocore.exceptions import ClientError
-
-from orchestrator.services import (port_is_open, seaweedfs_binary, start_mlflow_server,
-                                   start_s3_server)
+from devservers import port_is_open, s3_client, seaweedfs_binary, start_mlflow_server, start_s3_server
 
 pytestmark = pytest.mark.slow
 
 
 # --------------------------------------------------------------------------- S3
-def test_s3_put_get_list(s3_server):
-    bucket = s3_server.make_bucket()
-    client = s3_server.client()
-    body = os.urandom(100_000) + b"tarflow"
-    client.put_object(Bucket=bucket, Key="dir/blob.bin", Body=body)
-    client.put_object(Bucket=bucket, Key="dir/small.txt", Body=b"hello")
-    assert client.get_object(Bucket=bucket, Key="dir/blob.bin")["Body"].read() == body
-    assert client.get_object(Bucket=bucket, Key="dir/small.txt")["Body"].read() == b"hello"
-    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="dir/")["Contents"])
-    assert keys == ["dir/blob.bin", "dir/small.txt"]
-    assert bucket in {b["Name"] for b in client.list_buckets()["Buckets"]}
-    with pytest.raises(ClientError):
-        client.get_object(Bucket=bucket, Key="dir/missing")
-
-
-def test_s3_env_credentials_exported(s3_server):
-    """The fixture exports AWS_* for the session, so a client without explicit keys works."""
-    assert os.environ["AWS_ACCESS_KEY_ID"] == s3_server.access_key
-    assert os.environ["AWS_SECRET_ACCESS_KEY"] == s3_server.secret_key
-    assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"
-    import boto3
-
-    bucket = s3_server.make_bucket()
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
-    client.put_object(Bucket=bucket, Key="k", Body=b"v")
-    assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"v"
-
-
 def test_s3_credentials_enforced(s3_server):
     if s3_server.kind == "moto":
         pytest.skip("moto_server accepts any credentials")
@@ -124,8 +94,6 @@ def test_s3_service_stop_leaves_nothing(kind, tmp_path):
         assert svc.kind == kind and svc.alive()
         assert port_is_open(svc.ports[0])
         assert svc.info["startup_s"] < 30
-        from orchestrator.services import s3_client
-
         s3_client(svc.url, "k1", "s1-secret").list_buckets()
     finally:
         svc.stop()
@@ -150,7 +118,7 @@ def test_mlflow_service_stop_leaves_nothing(tmp_path):
 def test_start_failures_are_reported(tmp_path, monkeypatch):
     import socket
 
-    import orchestrator.services as services
+    import devservers as services
 
     with pytest.raises(ValueError):
         start_s3_server(tmp_path, kind="minio")

@@ -6,22 +6,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import EXPERIMENTS, run_main, run_module
 from mlflow.tracking import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[1]
-SWEEP = str(ROOT / "experiments" / "sweep_patch_noise.yaml")
-ASHA_SWEEP = str(ROOT / "experiments" / "sweep_patch_depth.yaml")
-TINY = ["scale=smoke", "data.limit=512", "data.val_limit=128", "eval.num_samples=4", "eval.sample_batch_size=4",
-        "train.batch_size=32", "cluster.num_workers=1", "train.checkpoint_every=10", "train.log_every=10"]
+from orchestrator.run import main
 
-
-def cli(args, cwd, timeout=900):
-    return subprocess.run([sys.executable, "-m", "orchestrator.run", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+SWEEP = str(EXPERIMENTS / "sweep_patch_noise.yaml")
+ASHA_SWEEP = str(EXPERIMENTS / "sweep_patch_depth.yaml")
+TEST = ["scale=test", "cluster.num_workers=1"]
 
 
 def sweep_runs(uri, experiment):
@@ -34,7 +29,7 @@ def sweep_runs(uri, experiment):
     ("sweep.train_axes={train.lerning_rate: [0.1, 0.2]}", "to add an entry to a dict from the command line"),
     ("++sweep.train_axes={train.lerning_rate: [0.1, 0.2]}", "unknown key 'train.lerning_rate'"),
     ("sweep.train_axes={train.noise_std: []}", "sweep axis 'train.noise_std' has an empty grid list"),
-    ("sweep.train_axes={train.noise_std: [0.1, -0.2]}", "noise_std must be >= 0, got -0.2"),
+    ("sweep.train_axes={train.noise_std: [0.1, -0.2]}", "train.noise_std=-0.2 is out of range"),
     ("++sweep.train_axes={train.lr: {uniform: [0.2, 0.1]}}", "lo < hi"),
     ("++sweep.train_axes={eval.guidance: [1.0, 2.0]}", "sample-time setting"),
     ("++sweep.sample_axes={train.lr: [0.1]}", "not a sampling knob"),
@@ -42,31 +37,44 @@ def sweep_runs(uri, experiment):
     ("sweep.scheduler.type=asha", "ASHA on 'loss' would compare trials trained at different noise levels"),
 ])
 def test_bad_search_space_fails_before_any_trial(tmp_path, override, message):
-    r = cli([SWEEP, *TINY, override], tmp_path, timeout=120)
+    r = run_main(main, [SWEEP, *TEST, override], tmp_path)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
 def test_sweep_dry_run_lists_trials_and_settings(tmp_path):
-    r = cli([SWEEP, *TINY, "--dry-run"], tmp_path, timeout=120)
+    r = run_main(main, [SWEEP, *TEST, "--dry-run"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "4 trial(s) over model.patch_size grid [2, 4]; train.noise_std grid [0.05, 0.15]" in r.stdout
     assert "2 sample-time setting(s) per trial: guidance=0.0; guidance=2.0" in r.stdout
+
+
+def test_a_sweep_without_sample_axes_has_no_sample_time_settings():
+    """Each trial is then evaluated once, by its own run (product() over no axes would add an empty setting,
+    a second identical evaluation of every trial)."""
+    from orchestrator.lifecycle import load_experiment
+    from orchestrator.sweep import sweep_of
+
+    plan, _, _ = load_experiment(str(EXPERIMENTS / "ablation_nvp_vp.yaml"), ["scale=test"], require_data=False)
+    sweep = sweep_of(plan, require_data=False)
+    assert sweep.sample_settings == [] and len(sweep.train_axes) == 1
+    plan, _, _ = load_experiment(SWEEP, ["scale=test"], require_data=False)
+    assert sweep_of(plan, require_data=False).sample_settings == [{"eval.guidance": 0.0}, {"eval.guidance": 2.0}]
 
 
 @pytest.mark.parametrize("scale", ["paper", "smoke"])
 def test_every_experiment_logs_its_params_to_mlflow(tmp_path, scale):
     """Each experiment's config (a sweep's, with its axes, included) is accepted as MLflow params by a real
     store: a joint axis such as "model.num_blocks,model.layers_per_block" is not a valid MLflow name as is."""
-    from orchestrator.config import flat_params
-    from orchestrator.run import prepare
+    from orchestrator.lifecycle import load_experiment
+    from orchestrator.records import flat_params
     from orchestrator.tracking import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiments = sorted((ROOT / "experiments").glob("*.yaml"))
+    experiments = sorted(EXPERIMENTS.glob("*.yaml"))
     for path in experiments:
-        plan, _, _ = prepare(str(path), [f"scale={scale}"], require_data=False)
+        plan, _, _ = load_experiment(str(path), [f"scale={scale}"], require_data=False)
         params = flat_params(plan.cfg)
         run_id = tracker.start_run(tracker.experiment_id(plan.experiment_name), plan.run_key, plan.display_name,
                                    params, tags={})
@@ -79,7 +87,7 @@ def test_every_experiment_logs_its_params_to_mlflow(tmp_path, scale):
 @pytest.mark.slow
 def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
     exp = f"sweep-{time.time_ns()}"
-    args = [ASHA_SWEEP, *TINY, "train.steps=60", f"experiment.name={exp}", f"tracking.uri={mlflow_server}",
+    args = [ASHA_SWEEP, *TEST, "train.steps=60", f"experiment.name={exp}", f"tracking.uri={mlflow_server}",
             "cluster.num_cpus=2"]
 
     # start, wait until one trial has finished, then kill the driver
@@ -90,7 +98,7 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
     finished_first = []
     while time.time() < deadline and proc.poll() is None:
         client, runs = sweep_runs(mlflow_server, exp)
-        finished_first = [r for r in runs if r.data.tags.get("sweep.trial") and r.info.status == "FINISHED"]
+        finished_first = [r for r in runs if r.data.tags.get("tarflow.trial") and r.info.status == "FINISHED"]
         if finished_first:
             break
         time.sleep(1)
@@ -100,14 +108,14 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
     first_steps = {r.info.run_id: [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
                    for r in finished_first}
 
-    r = cli(args, tmp_path)  # the same command continues the sweep
+    r = run_module("run", args, tmp_path)  # the same command continues the sweep
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     assert "continuing" in r.stdout
 
     client, runs = sweep_runs(mlflow_server, exp)
-    parents = [x for x in runs if x.data.tags.get("sweep.kind") == "parent"]
-    trials = [x for x in runs if x.data.tags.get("sweep.trial")]
-    evals = [x for x in runs if x.data.tags.get("sweep.kind") == "sample_eval"]
+    parents = [x for x in runs if x.data.tags.get("tarflow.kind") == "sweep"]
+    trials = [x for x in runs if x.data.tags.get("tarflow.trial")]
+    evals = [x for x in runs if x.data.tags.get("tarflow.kind") == "evaluation"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(trials) == 4  # one MLflow run per trial, none duplicated by the restart
     assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
@@ -117,7 +125,7 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "loss")]
         assert len(steps) == len(set(steps)), steps  # no step logged twice
         if t.info.status == "KILLED":
-            assert t.data.tags["sweep.stopped_early"] == "true"
+            assert t.data.tags["tarflow.stopped_early"] == "true"
     for run_id, steps in first_steps.items():  # finished trials were not retrained
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == steps
         assert not client.get_metric_history(run_id, "resumed_from_step")
@@ -138,6 +146,6 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
         assert len(rows) == 2
         assert set(rows["status"]) == {"finished" if t.info.status == "FINISHED" else "stopped"}
         if "bpd" in t.data.metrics:
-            assert rows["train.bpd"].tolist() == pytest.approx([t.data.metrics["bpd"]] * 2)
-    assert "Best (min train.bpd)" in r.stdout
-    assert parents[0].data.tags["sweep.best_run"] in {t.info.run_id for t in finished}
+            assert rows["bpd"].tolist() == pytest.approx([t.data.metrics["bpd"]] * 2)
+    assert "Best (min bpd)" in r.stdout
+    assert parents[0].data.tags["tarflow.best_run"] in {t.info.run_id for t in finished}

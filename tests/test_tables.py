@@ -1,39 +1,33 @@
 """The paper's tables and figures at CPU scale: FID through the real run, the report rebuilt from
 MLflow without training, figures as PNGs, and the claims check."""
 
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import EXPERIMENTS, run_module
 from mlflow.tracking import MlflowClient
 
-from orchestrator.report import build_table, check_claims
+from orchestrator.tables import build_table, check_claims
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["scale=smoke", "data.limit=256", "data.val_limit=64", "eval.num_samples=4", "eval.sample_batch_size=4",
-        "train.batch_size=32", "train.steps=20", "train.checkpoint_every=10", "train.log_every=10",
-        "eval.fid.num_samples=32", "eval.fid.reference_images=48", "eval.fid.batch_size=16"]
+TEST = ["scale=test", "train.steps=20"]
 
 
 def cli(module, args, cwd, timeout=900):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_module(module.split(".")[-1], args, cwd, timeout)
 
 
 def test_table_rows_deltas_and_claims():
     reference = {"metric": "fid", "rows": [{"model": "BigGAN", "value": 4.06, "confidence": "C"},
                                             {"model": "TarFlow (paper)", "kind": "tarflow", "value": 5.0}],
-                 "claims": [{"text": "guidance helps", "lhs": {"eval.guidance": "max"}, "rhs": {"eval.guidance": "min"}},
+                 "claims": [{"text": "guidance helps", "lhs": {"eval.guidance": "max"},
+                             "rhs": {"eval.guidance": "min"}},
                             {"text": "denoising helps", "lhs": {"eval.denoise": True}, "rhs": {"eval.denoise": False}}]}
     runs = pd.DataFrame([
-        {"run_name": "a", "mlflow_run": "r1", "scale": "smoke", "model.arch": "2-64-2-2", "train.noise_std": "0.05",
+        {"run_name": "a", "run_id": "r1", "scale": "smoke", "arch": "2-64-2-2", "train.noise_std": "0.05",
          "eval.guidance": "0.0", "eval.denoise": "False", "metric.fid": 9.0},
-        {"run_name": "a", "mlflow_run": "r2", "scale": "smoke", "model.arch": "2-64-2-2", "train.noise_std": "0.05",
-         "eval.guidance": "2.0", "eval.denoise": "False", "metric.fid": 7.5,
-         "model.patch_size": "None", "model.num_blocks": "4", "model.layers_per_block": "1"},  # a depth sweep's trial
+        {"run_name": "a", "run_id": "r2", "scale": "smoke", "arch": "2-64-4-1", "train.noise_std": "0.05",
+         "eval.guidance": "2.0", "eval.denoise": "False", "metric.fid": 7.5},  # a depth sweep's trial
     ])
     table = build_table(reference, runs)
     assert table["model"].tolist() == ["BigGAN", "TarFlow (paper)", "TarFlow (ours)", "TarFlow (ours)"]
@@ -48,14 +42,14 @@ def test_table_rows_deltas_and_claims():
 @pytest.mark.slow
 def test_fid_table_end_to_end_and_report_rebuild(tmp_path, mlflow_server):
     exp = f"t3-{time.time_ns()}"
-    args = [str(ROOT / "experiments" / "table3_imagenet64_cond.yaml"), *TINY, f"experiment.name={exp}",
+    args = [str(EXPERIMENTS / "table3_imagenet64_cond.yaml"), *TEST, f"experiment.name={exp}",
             f"tracking.uri={mlflow_server}"]
     r = cli("orchestrator.run", args, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "| TarFlow (paper)" in r.stdout and "4.21" in r.stdout
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
-    train = [x for x in runs if x.data.tags.get("tarflow.kind") != "table"]
+    train = [x for x in runs if x.data.tags.get("tarflow.kind") == "run"]
     tables = [x for x in runs if x.data.tags.get("tarflow.kind") == "table"]
     assert len(train) == 1 and len(tables) == 1
     fid = train[0].data.metrics["fid"]
@@ -85,14 +79,14 @@ def test_fid_table_end_to_end_and_report_rebuild(tmp_path, mlflow_server):
 @pytest.mark.slow
 def test_guidance_figure_from_sample_time_sweep(tmp_path, mlflow_server):
     exp = f"fig-{time.time_ns()}"
-    args = [str(ROOT / "experiments" / "fig_guidance.yaml"), *TINY, f"experiment.name={exp}",
+    args = [str(EXPERIMENTS / "fig_guidance.yaml"), *TEST, f"experiment.name={exp}",
             f"tracking.uri={mlflow_server}", "sweep.sample_axes={eval.guidance: [0.0, 2.0]}", "cluster.num_workers=1"]
     r = cli("orchestrator.run", args, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
-    evals = [x for x in runs if x.data.tags.get("sweep.kind") == "sample_eval"]
-    trials = [x for x in runs if x.data.tags.get("sweep.trial")]
+    evals = [x for x in runs if x.data.tags.get("tarflow.kind") == "evaluation"]
+    trials = [x for x in runs if x.data.tags.get("tarflow.trial")]
     assert len(trials) == 1 and len(evals) == 2  # trained once, evaluated at both weights
     assert all("fid" in e.data.metrics for e in evals)
     png = tmp_path / "runs" / "tables" / exp / "figure.png"
@@ -105,3 +99,16 @@ def test_guidance_figure_from_sample_time_sweep(tmp_path, mlflow_server):
     ours = csv[csv["model"] == "TarFlow (ours)"]
     assert [("guidance=2.0" in c) for c in ours["config"]] == [False, True], ours["config"].tolist()
     assert set(ours["source"]) == {f"{exp}/4-64-2-2/0.05"} == {trials[0].info.run_name}
+
+    # a new weight later: evaluated on the trial's final checkpoint; the others are not evaluated again
+    axes = args.index("sweep.sample_axes={eval.guidance: [0.0, 2.0]}")
+    args[axes] = "sweep.sample_axes={eval.guidance: [0.0, 2.0, 3.0]}"
+    r = cli("orchestrator.run", args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "evaluating 1 new sample-time setting(s) on the final checkpoints of 1 finished trial(s)" in r.stdout
+    runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    evals = [x for x in runs if x.data.tags.get("tarflow.kind") == "evaluation"]
+    assert sorted(e.data.params["eval.guidance"] for e in evals) == ["0.0", "2.0", "3.0"]
+    assert len([x for x in runs if x.data.tags.get("tarflow.trial")]) == 1
+    loss = client.get_metric_history(trials[0].info.run_id, "loss")
+    assert len(loss) == len({m.step for m in loss})  # not retrained

@@ -37,11 +37,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from orchestrator import services  # noqa: E402  (standard library only at import)
+import devservers as services
 
 DEFAULT_DIR = Path(__file__).resolve().parent / ".stack"
 STATE = "state.json"
@@ -194,7 +190,7 @@ def _s3_ok(url: str) -> bool:
                                     retries={"max_attempts": 1})
         client.head_bucket(Bucket=BUCKET)
         return True
-    except Exception:  # noqa: BLE001 - anything means "not answering"
+    except Exception:
         return False
 
 
@@ -359,10 +355,10 @@ def start_ray_head(stack_dir: Path, state: dict, num_cpus: int, dashboard_port: 
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         raise StackError(f"`ray start --head` did not finish within {timeout:.0f}s; log {log_path}:\n"
-                         f"{services._tail(log_path)}") from None
+                         f"{services.tail_log(log_path)}") from None
     if rc != 0:
         raise StackError(f"`ray start --head` failed (exit {rc}); end of its log {log_path}:\n"
-                         f"{services._tail(log_path, 8)}")
+                         f"{services.tail_log(log_path, 8)}")
     # the dashboard (Jobs API) may come up a little after `ray start` returns
     deadline = time.monotonic() + 60
     while not _http_ok(f"{state['ray_dashboard_url']}/api/version", _auth_headers(state)):

@@ -37,6 +37,7 @@ __all__ = [
     "create_bucket",
     "s3_client",
     "seaweedfs_binary",
+    "tail_log",
 ]
 
 HOST = "127.0.0.1"
@@ -69,7 +70,7 @@ class Service:
         return self.proc.poll() is None
 
     def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines)
+        return tail_log(self.log_path, lines)
 
     def _group_alive(self) -> bool:
         try:
@@ -124,7 +125,7 @@ class Service:
                     except OSError:
                         pass
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Service:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -172,7 +173,7 @@ def _free_port_with_grpc(taken: set[int]) -> tuple[int, int]:
     raise RuntimeError("could not find a free port pair (p, p+10000) on 127.0.0.1")
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def tail_log(path: Path, lines: int = 40) -> str:
     try:
         text = Path(path).read_text(errors="replace")
     except OSError as e:
@@ -214,7 +215,7 @@ def _wait_ready(svc: Service, probe, timeout: float, what: str) -> float:
         try:
             if probe():
                 return time.monotonic() - t0
-        except Exception as e:  # noqa: BLE001 - anything means "not ready yet"
+        except Exception as e:
             last_err = e
         if time.monotonic() - t0 > timeout:
             svc.stop()
@@ -236,7 +237,7 @@ def _script(name: str) -> str | None:
 # --------------------------------------------------------------------------- #
 # S3
 # --------------------------------------------------------------------------- #
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def seaweedfs_binary() -> str | None:
     """Path of a working ``weed`` binary, or None.
 
@@ -374,8 +375,11 @@ def start_mlflow_server(
     s3_endpoint: str | None = None,
     timeout: float = 60.0,
     host: str = HOST,
+    port: int | None = None,
 ) -> Service:
     """Start ``mlflow server`` (sqlite backend under ``workdir``, proxied artifacts).
+
+    port: a fixed port (to bring a stopped server back where its clients expect it); default a free one.
 
     artifacts_destination: where the server stores artifacts (default
     ``workdir/mlartifacts``; may be ``s3://bucket/prefix``, then ``s3_endpoint``
@@ -390,7 +394,7 @@ def start_mlflow_server(
         art = workdir / "mlartifacts"
         art.mkdir(exist_ok=True)
         artifacts_destination = str(art)
-    port = free_port()
+    port = port or free_port()
     exe = _script("mlflow")
     base = [exe] if exe else [sys.executable, "-m", "mlflow"]
     cmd = base + [

@@ -1,0 +1,182 @@
+"""What a config means for a run: the model, data and training configs, the schedule, and the run's
+identity (the hash of everything that changes the trained model), derived before any work starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from tarflow import ConfigError, TarFlowConfig, TrainConfig
+from tarflow.data import DataConfig, dataset_info
+
+from .errors import ExperimentError
+from .schema import ExperimentConfig
+
+CODE_VERSION = "0.1"  # bump when a change makes old checkpoints incompatible: it is part of the run identity
+
+
+@dataclass
+class RunPlan:
+    """Everything derived from a config that the driver and the workers agree on."""
+
+    cfg: DictConfig
+    source: str                 # the YAML file name, for messages
+    model: TarFlowConfig
+    data: DataConfig
+    train: TrainConfig          # total_steps / warmup_steps are filled in by the worker from the data size
+    run_key: str                # hash of everything that changes the trained model
+    run_name: str               # storage-safe and unique: <experiment>-<arch>-<key>
+    display_name: str           # what MLflow shows: <experiment>/<arch>/<noise>
+    per_worker_batch: int
+    data_present: bool = True
+
+    @property
+    def experiment_name(self) -> str:
+        return self.cfg.tracking.experiment or self.cfg.experiment.name
+
+    @property
+    def arch(self) -> str:
+        return arch_name(self.model)
+
+
+def data_config(cfg: DictConfig) -> DataConfig:
+    d = cfg.data
+    return DataConfig(name=d.name, root=d.root, image_size=d.image_size, fit=d.fit, channels=d.channels,
+                      flip=d.flip, limit=d.limit)
+
+
+def train_config(cfg: DictConfig, total_steps: int = 1, warmup_steps: int = 0, on_gpu: bool = False) -> TrainConfig:
+    t = cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu and t.noise == "gaussian")
+    return TrainConfig(lr=t.lr, min_lr=t.min_lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                       warmup_steps=warmup_steps, total_steps=total_steps, noise=t.noise, noise_std=t.noise_std,
+                       label_drop=t.label_drop, bf16=bf16, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
+                       compile=t.compile)
+
+
+def schedule(cfg: DictConfig, train_size: int) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, warm-up steps) for a training set of train_size images."""
+    per_epoch = max(1, train_size // cfg.train.batch_size)
+    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+    warmup = min(total, round(cfg.train.warmup_epochs * per_epoch))
+    return per_epoch, total, warmup
+
+
+def identity_of(cfg: DictConfig) -> dict:
+    """The parts of a config that change the trained model (not where it runs, is stored or tracked, nor how
+    it is evaluated: a new evaluation of a finished model never retrains it), as dotted keys. Values at the
+    schema's default are left out, so adding a key to the schema does not rename every existing run.
+
+    cluster.num_workers is left out on purpose: the images of every global step are the same whatever the
+    number of workers (each step takes the next batch_size indices of one seeded permutation, split across
+    ranks), so a run can resume on a cluster of another size. What does change with it, the per-rank
+    augmentation noise, is recorded: the world size of every (re)start is logged by step.
+    """
+    ident = {k: v for k, v in non_default_leaves(cfg).items()
+             if k.split(".")[0] in ("model", "data", "train") and k not in NOT_IDENTITY}
+    ident["experiment.name"] = cfg.experiment.name
+    ident["code_version"] = CODE_VERSION
+    return ident
+
+
+# keys of the identity sections that do not change the trained model
+NOT_IDENTITY = {"data.num_workers", "data.val_limit", "data.train_images", "data.num_classes",
+                "train.log_every", "train.checkpoint_every"}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    return short_hash(identity_of(cfg))
+
+
+def evaluation_of(cfg: DictConfig) -> dict:
+    """What an evaluation of a trained model depends on: the eval section and the held-out subset (values
+    at the schema's default left out, as for the run identity)."""
+    leaves = non_default_leaves(cfg)
+    return {k: v for k, v in leaves.items() if k.startswith("eval.") or k == "data.val_limit"}
+
+
+def evaluation_key(cfg: DictConfig) -> str:
+    return short_hash(evaluation_of(cfg))
+
+
+def non_default_leaves(cfg: DictConfig) -> dict:
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(ExperimentConfig)))
+    return {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+            if k not in defaults or defaults[k] != v}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def short_hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True) -> RunPlan:
+    """Validate the meaning of a config (model against data) and derive the plan.
+
+    require_data=False (dry runs) falls back to the sizes the config declares when the data is absent.
+    """
+    try:
+        data = data_config(cfg)
+        try:
+            info = dataset_info(data)
+        except ConfigError:
+            if require_data or not data.image_size:
+                raise
+            info = {"channels": data.channels or 3, "image_size": data.image_size,
+                    "num_classes": cfg.data.num_classes or 0, "absent": True}
+        if cfg.data.num_classes is not None and info["num_classes"] != cfg.data.num_classes:
+            raise ConfigError(f"data.num_classes={cfg.data.num_classes} but {data.name} at {data.root} has "
+                              f"{info['num_classes']} classes")
+        num_classes = info["num_classes"] if cfg.model.conditional else 0
+        model = TarFlowConfig.from_string(arch_with_parts(cfg.model.arch, cfg.model), image_size=info["image_size"],
+                                          in_channels=info["channels"], num_classes=num_classes, nvp=cfg.model.nvp,
+                                          head_dim=cfg.model.head_dim)
+        if cfg.train.noise == "gaussian":
+            model.noise_std = cfg.train.noise_std
+        train = train_config(cfg)
+    except ConfigError as e:
+        raise ExperimentError(f"{source}: {e}") from None
+    key = config_hash(cfg)
+    noise = f"{cfg.train.noise_std:g}" if cfg.train.noise == "gaussian" else "uniform"
+    safe_name = storage_safe(cfg.experiment.name)
+    return RunPlan(cfg=cfg, source=source, model=model, data=data, train=train, run_key=key,
+                   run_name=f"{safe_name}-{arch_name(model)}-{key}",
+                   display_name=cfg.tracking.run_name or f"{cfg.experiment.name}/{arch_name(model)}/{noise}",
+                   per_worker_batch=cfg.train.batch_size // cfg.cluster.num_workers,
+                   data_present=not info.get("absent"))
+
+
+def storage_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+
+
+ARCH_PARTS = ("patch_size", "width", "num_blocks", "layers_per_block")  # P-Ch-T-K, in model.arch's order
+
+
+def arch_with_parts(arch: str, parts) -> str:
+    """model.arch with the single parts that are set (model.num_blocks=4, ...: a sweep over depth) put in
+    their places: the architecture that is built. parts: model.* values by name, None where unset."""
+    fields = arch.split("-")
+    for i, key in enumerate(ARCH_PARTS[: len(fields)]):
+        if parts.get(key) is not None:
+            fields[i] = str(parts[key])
+    return "-".join(fields)
+
+
+def arch_name(model: TarFlowConfig) -> str:
+    """P-Ch-T-K of the model actually built (σ is shown separately)."""
+    return f"{model.patch_size}-{model.width}-{model.num_blocks}-{model.layers_per_block}"

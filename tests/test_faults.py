@@ -1,0 +1,163 @@
+"""A long run survives its faults, injected for real: the MLflow server killed mid-run (and back, or not), a
+storage wiped under a tracked run, an S3 server gone for good. (A lost worker, a killed driver, a second
+launch and a corrupt checkpoint are in test_run.py.)"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import EXPERIMENTS, run_main, run_module
+from devservers import create_bucket, s3_client, start_mlflow_server, start_s3_server
+from mlflow.tracking import MlflowClient
+
+from orchestrator.report import main as report_main
+
+pytestmark = pytest.mark.slow
+
+TABLE2 = str(EXPERIMENTS / "table2.yaml")
+TEST = ["scale=test", "cluster.num_workers=1", "eval.num_samples=0"]
+
+
+def start(args, cwd, log, **env):
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.run", *args], cwd=cwd, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**base, **env})
+
+
+def finish(proc, log, timeout=600):
+    proc.wait(timeout=timeout)
+    return proc.returncode, log.read_text()
+
+
+def wait_for(predicate, proc, log, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(log.read_text()[-3000:])
+
+
+def training_run(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else client.search_runs([exp.experiment_id])
+    return [r for r in runs if r.data.tags.get("tarflow.kind") == "run"]
+
+
+def loss_steps(client, run_id):
+    return [m.step for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp)]
+
+
+def test_mlflow_outage_never_stalls_training_and_every_step_arrives_once(tmp_path):
+    server = start_mlflow_server(tmp_path / "mlflow")
+    port = server.ports[0]
+    secret_uri = server.url.replace("http://", "http://alice:s3cret@")  # credentials in a URI never leak
+    client = MlflowClient(server.url)
+    try:
+        # 1. killed at step ~20 and back ~10 s later, while training goes on
+        args = [TABLE2, *TEST, "train.steps=120", "train.log_every=5", "train.checkpoint_every=40",
+                f"tracking.uri={secret_uri}", "experiment.name=outage"]
+        log = tmp_path / "outage.log"
+        proc = start(args, tmp_path, log)
+        wait_for(lambda: training_run(client, "outage") and max(
+            loss_steps(client, training_run(client, "outage")[0].info.run_id) or [0]) >= 20, proc, log)
+        server.stop()
+        down_at = time.time()
+        time.sleep(10)
+        server = start_mlflow_server(tmp_path / "mlflow", port=port)
+        code, out = finish(proc, log)
+        assert code == 0, out[-4000:]
+        assert out.count("is not answering") == 1 and out.count("is back after") == 1, out[-4000:]
+        (run,) = training_run(client, "outage")
+        assert loss_steps(client, run.info.run_id) == list(range(5, 121, 5))  # in order, each once
+        assert run.info.status == "FINISHED"
+        assert "s3cret" not in out and "s3cret" not in json.dumps(run.data.params)
+        stored = next((tmp_path / "runs").glob("outage-*/config.yaml")).read_text()
+        assert "alice:***@" in stored and "s3cret" not in stored
+        print(f"finished {time.time() - down_at:.0f} s after the server was killed")
+
+        # 2. killed at step ~20 and still down at the end: training completes, MLflow catches up later
+        args = [*args[:-1], "experiment.name=outage-end"]
+        log = tmp_path / "outage-end.log"
+        proc = start(args, tmp_path, log)
+        wait_for(lambda: training_run(client, "outage-end") and max(
+            loss_steps(client, training_run(client, "outage-end")[0].info.run_id) or [0]) >= 20, proc, log)
+        server.stop()
+        code, out = finish(proc, log)
+        assert code == 0, out[-4000:]
+        assert "MLflow at http://alice:***@127.0.0.1" in out and "is behind" in out, out[-3000:]
+        run_dir = next((tmp_path / "runs").glob("outage-end-*"))
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["tracking_behind"] and result["metrics"]["step"] == 120 and "bpd" in result["metrics"]
+        assert (run_dir / "tracking_backlog.json").is_file()
+
+        server = start_mlflow_server(tmp_path / "mlflow", port=port)
+        r = run_main(report_main, [*args], tmp_path)  # replays what MLflow missed, then builds the table
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "MLflow caught up" in r.stdout
+        (run,) = training_run(client, "outage-end")
+        assert loss_steps(client, run.info.run_id) == list(range(5, 121, 5))
+        assert run.info.status == "FINISHED" and run.data.metrics["bpd"] == pytest.approx(result["metrics"]["bpd"])
+        assert not (run_dir / "tracking_backlog.json").exists()
+        assert not json.loads((run_dir / "result.json").read_text())["tracking_behind"]
+    finally:
+        server.stop()
+
+
+def test_a_tracked_run_without_its_checkpoints_starts_afresh(tmp_path):
+    """Storage is the record of progress: a wiped storage retrains into a new MLflow run, and the stale one
+    (found by the same config hash) no longer stands for it anywhere."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [TABLE2, *TEST, "train.steps=10", f"tracking.uri={uri}", "experiment.name=stale"]
+    assert run_module("run", args, tmp_path).returncode == 0
+    client = MlflowClient(uri)
+    (old,) = training_run(client, "stale")
+    run_dir = next((tmp_path / "runs").glob("stale-*"))
+    subprocess.run(["rm", "-r", str(run_dir)], check=True)
+
+    r = run_module("run", [*args, "train.seed=0"], tmp_path)  # the same config (seed 0 is the default)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"MLflow run {old.info.run_id} of this config has no checkpoint" in r.stdout
+    runs = training_run(client, "stale")
+    new = next(x for x in runs if x.info.run_id != old.info.run_id)
+    assert client.get_run(old.info.run_id).data.tags["tarflow.superseded_by"] == new.info.run_id
+    assert loss_steps(client, new.info.run_id) == [10]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["mlflow_run_id"] == new.info.run_id
+    assert result["metrics"]["bpd"] == pytest.approx(new.data.metrics["bpd"])
+    table = (tmp_path / "runs" / "tables" / "stale" / "table.csv").read_text()
+    assert new.info.run_id in table and old.info.run_id not in table
+
+
+def test_storage_gone_for_good_ends_in_one_paragraph(tmp_path):
+    s3 = start_s3_server(tmp_path / "s3", access_key="k", secret_key="secret-k")
+    create_bucket(s3.url, "gone", "k", "secret-k")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "secret-k", "AWS_DEFAULT_REGION": "us-east-1"}
+    args = [TABLE2, *TEST, "train.steps=400", "train.checkpoint_every=20", "cluster.max_failures=1",
+            "storage.uri=s3://gone/runs", f"storage.endpoint_url={s3.url}", f"tracking.uri={uri}",
+            "experiment.name=gone", "storage.async_upload=false"]
+    log = tmp_path / "gone.log"
+    proc = start(args, tmp_path, log, **env)
+    try:
+        def has_checkpoint():
+            keys = [o["Key"] for o in s3_client(s3.url, "k", "secret-k").list_objects_v2(
+                Bucket="gone").get("Contents", [])]
+            return any("/checkpoint_00000040/state.pt.sha256" in k for k in keys)
+
+        wait_for(has_checkpoint, proc, log)
+    finally:
+        s3.stop()
+    code, out = finish(proc, log, timeout=900)
+    assert code == 1, out[-4000:]
+    err = next(line for line in out.splitlines() if line.startswith("error: "))
+    assert "lost its storage" in err and s3.url in err and "cluster.max_failures=1" in err, err
+    assert "The last checkpoint it saved is checkpoint_000000" in err and "resumes from there" in err, err
+    assert "Traceback" not in out.split("error: ")[-1]
+    client = MlflowClient(uri)
+    (run,) = training_run(client, "gone")
+    assert run.info.status == "FAILED" and "lost its storage" in run.data.tags["tarflow.failure"]
