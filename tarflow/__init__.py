@@ -1,6 +1,7 @@
 """tarflow: a faithful, fast, pure-PyTorch TarFlow (Zhai et al., arXiv 2412.06329)."""
 
 from .likelihood import bits_per_dim, dequantize_uniform, nll_per_dim
+from .memory import FitOption, FitPlan, plan_fit, training_memory
 from .model import PAPER_CONFIGS, ConfigError, TarFlow, TarFlowConfig
 from .sampling import denoise, sample, sample_grid, score
 from .training import (CheckpointError, TrainConfig, flow_loss, TrainState, load_checkpoint, lr_at, make_train_state,
@@ -12,4 +13,5 @@ __all__ = [
     "sample", "denoise", "score", "sample_grid",
     "TrainConfig", "TrainState", "flow_loss", "make_train_state", "train_step", "lr_at",
     "save_checkpoint", "load_checkpoint", "restore", "model_from_checkpoint", "CheckpointError",
+    "training_memory", "plan_fit", "FitPlan", "FitOption",
 ]
