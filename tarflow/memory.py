@@ -23,8 +23,18 @@ what the backward pass holds on top at its peak: the activation gradients of one
 checkpointing one layer's recomputed internals. Estimates are for eager PyTorch; torch.compile
 usually saves less (it fuses and recomputes the elementwise ops).
 
-`plan_fit` compares the total with a GPU's memory (less `CUDA_OVERHEAD_BYTES` and a headroom for the
-caching allocator) and, when it does not fit, lists the cheapest changes that do.
+`plan_fit` compares the total with a GPU's memory (plus `CUDA_OVERHEAD_BYTES`, within a headroom for
+the caching allocator) and, when it does not fit, lists the cheapest changes that do. A dry run:
+
+    plan = plan_fit(model_config, per_gpu_batch=256 // 8, gpu_memory_bytes=GPU_MEMORY["A100-80GB"],
+                    precision="fp32", num_workers=8)        # resolve precision "auto" before calling
+    print(plan.summary())                                   # needs / usable, the breakdown, the options
+    if not plan.fits:                                       # refuse; plan.options[0].overrides is the
+        ...                                                 # cheapest fix, e.g. {"train.grad_accum_steps": 2}
+
+Which attention kernel: the default "flash" model is right for FlashAttention, memory-efficient and
+cuDNN attention on CUDA and for the CPU's flash kernel (scaled_dot_product_attention's default for
+fp32 and bf16 on CPU, which the tests measure); pass attention_kernel="math" for the math fallback.
 """
 
 from __future__ import annotations
