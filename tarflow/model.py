@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class ConfigError(ValueError):
@@ -165,11 +166,17 @@ class FlowBlock(nn.Module):
         z = (x - mu) * torch.exp(-at_least_fp32(alpha)).to(x.dtype)
         return self.permute(z), -at_least_fp32(alpha).sum(dim=(1, 2))
 
+    checkpoint_layers = False  # set through TarFlow.set_activation_checkpointing
+
     def params(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """α, μ of every token from the whole sequence at once. x: (B, N, D) in this block's order."""
         h = self.proj_in(x) + self.permute(self.pos_embed[None]) + self.condition(y, x.shape[0])
+        # Activation checkpointing keeps only each layer's input and recomputes its internals in the
+        # backward pass; only while training with autograd on (evaluation and sampling run plainly).
+        # The layers draw no random numbers, so there is no RNG state to stash and restore.
+        recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h)
+            h = checkpoint(layer, h, use_reentrant=False, preserve_rng_state=False) if recompute else layer(h)
         out = self.proj_out(h)
         # shift right: the parameters of token i come from tokens < i only
         out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
@@ -411,6 +418,12 @@ class TarFlow(nn.Module):
         """VP variant only: running estimate of the prior variance from a batch of z."""
         if not self.config.nvp:
             self.prior_var.lerp_(self.patchify(z.float()).pow(2).mean(0).to(self.prior_var.dtype), rate)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each transformer layer in the backward pass instead of keeping its activations
+        (training only): saves most of the activation memory for about one extra forward's FLOPs."""
+        for block in self.blocks:
+            block.checkpoint_layers = bool(enabled)
 
     # -- accounting ------------------------------------------------------------------------------
 

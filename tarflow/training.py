@@ -1,11 +1,13 @@
 """Training math, independent of any launcher: loss, noise, label drop, AdamW with warm-up + cosine,
-bf16, EMA, gradient clipping, and checkpoints that load with torch.load(weights_only=True).
+bf16, EMA, gradient clipping, gradient accumulation, activation checkpointing, and checkpoints that
+load with torch.load(weights_only=True).
 
 Any loop (a plain script, the orchestrator's Ray worker) builds a TrainState and calls train_step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .likelihood import dequantize_uniform
-from .model import ConfigError, TarFlow, TarFlowConfig
+from .model import ConfigError, TarFlow, TarFlowConfig, at_least_fp32
 
 
 @dataclass
@@ -36,9 +38,17 @@ class TrainConfig:
     grad_clip: float | None = None  # not in the reference; reproductions needed it for stability
     ema_decay: float | None = None  # likewise
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each transformer layer in backward (see tarflow.memory)
+    grad_accum_steps: int = 1   # micro-batches per optimizer step; the batch given to train_step is split
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ConfigError(f"TrainConfig.activation_checkpointing must be true or false, "
+                              f"got {self.activation_checkpointing!r}")
+        if (not isinstance(self.grad_accum_steps, int) or isinstance(self.grad_accum_steps, bool)
+                or self.grad_accum_steps < 1):
+            raise ConfigError(f"TrainConfig.grad_accum_steps must be an integer >= 1, got {self.grad_accum_steps!r}")
         if self.noise not in ("gaussian", "uniform"):
             raise ConfigError(f"TrainConfig.noise must be 'gaussian' or 'uniform', got {self.noise!r}")
         if self.noise_std < 0:
@@ -81,7 +91,7 @@ def flow_loss(z: torch.Tensor, logdet: torch.Tensor) -> tuple[torch.Tensor, torc
 
     Returns (loss, prior term, logdet per dim) so the two halves can be watched separately.
     """
-    prior_term = 0.5 * z.float().pow(2).mean()
+    prior_term = 0.5 * at_least_fp32(z).pow(2).mean()
     logdet_per_dim = logdet.mean() / z[0].numel()
     return prior_term - logdet_per_dim, prior_term, logdet_per_dim
 
@@ -107,6 +117,7 @@ class TrainState:
 def make_train_state(model: TarFlow, cfg: TrainConfig, wrap: Callable[[nn.Module], nn.Module] | None = None
                      ) -> TrainState:
     """wrap: e.g. DistributedDataParallel; applied before torch.compile."""
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
     net = wrap(model) if wrap else model
     if cfg.compile:
         net = torch.compile(net)
@@ -116,10 +127,29 @@ def make_train_state(model: TarFlow, cfg: TrainConfig, wrap: Callable[[nn.Module
     return TrainState(model=model, optimizer=make_optimizer(model, cfg), config=cfg, net=net, ema=ema)
 
 
+def no_sync(net: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's no_sync() (gradients accumulate locally, no all-reduce) for a DDP module, also under
+    torch.compile (whose wrapper forwards attribute lookups to the DDP inside); a no-op otherwise."""
+    return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
+
+
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> dict[str, float]:
-    """One optimisation step on a batch of images in [−1, 1] (integer-valued pixels). Returns metrics."""
+    """One optimisation step on a batch of images in [−1, 1] (integer-valued pixels). Returns metrics.
+
+    x is this rank's whole batch of one optimizer step. With cfg.grad_accum_steps = k it runs as k
+    equal micro-batches: noise and label drop are drawn for the whole batch first (the same random
+    numbers as without accumulation), each micro-batch's loss is scaled by 1/k so the summed
+    gradients are the full batch's mean, DDP all-reduces only on the last one (no_sync before), and
+    then one optimizer step and one schedule step follow. state.step counts optimizer steps, and a
+    checkpoint is only ever taken between calls, so never in the middle of an accumulation.
+    The VP prior update sees the whole batch's z, as without accumulation.
+    """
     cfg, model = state.config, state.model
+    k = cfg.grad_accum_steps
+    if x.shape[0] % k:
+        raise ConfigError(f"batch of {x.shape[0]} images is not divisible by grad_accum_steps={k}: choose a "
+                          f"per-worker batch that is a multiple of {k}")
     lr = lr_at(state.step, cfg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -128,24 +158,31 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor | None = None
         y = drop_labels(y, cfg.label_drop, generator)
     else:
         y = None
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        z, logdet = state.net(x, y)
-    loss, prior_term, logdet_per_dim = flow_loss(z, logdet)
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    micro = x.shape[0] // k
+    terms, zs = [], []
+    for i in range(k):
+        part = slice(i * micro, (i + 1) * micro)
+        with no_sync(state.net) if i < k - 1 else contextlib.nullcontext():
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                z, logdet = state.net(x[part], None if y is None else y[part])
+            loss, prior_term, logdet_per_dim = flow_loss(z, logdet)
+            (loss / k).backward()
+        terms.append(torch.stack([loss.detach(), prior_term.detach(), logdet_per_dim.detach()]))
+        zs.append(z.detach())
     if cfg.grad_clip:
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     else:  # the norm alone, for the logs: clipping at infinity would still rescale every gradient by 1
         grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     state.optimizer.step()
-    model.update_prior(z.detach())
+    model.update_prior(torch.cat(zs) if k > 1 else zs[0])
     if state.ema is not None:
         with torch.no_grad():
             torch._foreach_lerp_(list(state.ema.parameters()), list(model.parameters()), 1 - cfg.ema_decay)
     state.step += 1
     # one device sync for all the numbers, not one per number
-    loss, prior_term, logdet_per_dim, grad_norm = torch.stack(
-        [loss.detach(), prior_term.detach(), logdet_per_dim.detach(), grad_norm.detach().float()]).tolist()
+    terms = torch.stack(terms).mean(0)  # equal micro-batches: the mean of their means is the batch mean
+    loss, prior_term, logdet_per_dim, grad_norm = torch.cat([terms, grad_norm.detach().to(terms.dtype).view(1)]).tolist()
     return {"loss": loss, "prior_term": prior_term, "logdet_per_dim": logdet_per_dim, "lr": lr, "grad_norm": grad_norm}
 
 
