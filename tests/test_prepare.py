@@ -435,3 +435,30 @@ def test_fid_statistics_with_the_prepared_data(ray_local, tmp_path):
     train = load_dataset(DataConfig(image_size=32, limit=12, flip=False))
     expected = FIDStatistics.from_features(features_of_dataset(extractor, train, flips=True))
     assert np.allclose(stats.mu, expected.mu, atol=1e-4) and np.allclose(stats.sigma, expected.sigma, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset,size", [("imagenet64_prepared", 64), ("imagenet128_prepared", 128),
+                                         ("afhq256_prepared", 256)])
+def test_prepared_presets_fit_the_schema(preset, size, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from orchestrator.schema import DataSection
+
+    monkeypatch.setenv("TARFLOW_DATA_URI", "s3://bucket/prepared")
+    data = OmegaConf.merge(OmegaConf.structured(DataSection),
+                           OmegaConf.load(Path(ROOT) / "orchestrator/conf/data" / f"{preset}.yaml"))
+    assert (data.name, data.image_size) == ("prepared", size)
+    assert data.root == f"s3://bucket/prepared/{preset.removesuffix('_prepared')}"
+    monkeypatch.delenv("TARFLOW_DATA_URI")
+    monkeypatch.setenv("TARFLOW_DATA", "/fsx")
+    assert data.root == f"/fsx/prepared/{preset.removesuffix('_prepared')}"
+
+
+@pytest.mark.slow
+def test_experiment_with_a_prepared_preset_dry_runs():
+    env = {**python_env(), "TARFLOW_DATA_URI": "s3://bucket/prepared", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.run", "experiments/table2.yaml",
+                           "data=imagenet64_prepared", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "data        prepared at s3://bucket/prepared/imagenet64" in proc.stdout
