@@ -37,13 +37,7 @@ import pyarrow.fs as pafs
 
 from tarflow.data import DataConfig, dataset_info
 from tarflow.model import ConfigError
-from tarflow.prepared import (
-    MANIFEST,
-    check_request,
-    parse_manifest,
-    sha256_file,
-    verify,
-)
+from tarflow.prepared import MANIFEST, check_request, parse_manifest, sha256_file, verify
 
 from .errors import ExperimentError
 from .storage import RunStorage

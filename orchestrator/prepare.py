@@ -36,6 +36,7 @@ import io
 import json
 import os
 import posixpath
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,27 +46,11 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from tarflow.model import ConfigError
-from tarflow.prepared import (
-    FID_STATS_FILE,
-    MANIFEST,
-    VERSION,
-    encode_shard,
-    file_record,
-    make_manifest,
-    parse_manifest,
-    sha256_file,
-    shard_files,
-)
+from tarflow.prepared import (FID_STATS_FILE, MANIFEST, VERSION, encode_shard, file_record, make_manifest,
+                              parse_manifest, sha256_file, shard_files)
 
 from .errors import ExperimentError, cli_entry
-from .raw_data import (
-    KINDS,
-    SourcePlan,
-    SourceTree,
-    detect_kind,
-    plan_source,
-    read_shard,
-)
+from .raw_data import KINDS, SourcePlan, SourceTree, detect_kind, plan_source, read_shard
 from .storage import RunStorage
 
 
@@ -289,6 +274,9 @@ def _shard_task(row: dict) -> dict:
         result = make_shard(task["job"], task["shard"])
     except ConfigError as e:  # a bad source file: one clear message for the driver, not a task traceback
         result = {"error": str(e)}
+    except FileNotFoundError as e:
+        result = {"error": f"on Ray node {socket.gethostname()}: {e}; every node must reach SOURCE and DEST (an "
+                           f"s3:// URI, or a path mounted at the same place on every node)"}
     return {"result": json.dumps(result)}
 
 
