@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +72,18 @@ def upload_dir(client, local: Path, bucket: str, prefix: str) -> None:
 def python_env() -> dict:
     """Environment for subprocesses and Ray workers that import this checkout."""
     return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def prepare_fashion(dest: str, endpoint_url: str | None = None, address: str | None = None, limit: int = 300,
+                    image_size: int = 32, *extra: str) -> str:
+    """Fashion-MNIST (`limit` train + `limit` val images, padded to image_size², RGB, 128-image shards) prepared
+    into dest by the CLI, on the Ray cluster at `address` (e.g. the ray_cluster fixture's) or a local instance.
+    Returns the CLI's stdout; raises with its stderr if it fails."""
+    cmd = [sys.executable, "-m", "orchestrator.prepare", FASHION, dest, "--image-size", str(image_size),
+           "--channels", "3", "--limit", str(limit), "--shard-size", "128", *extra]
+    cmd += ["--endpoint-url", endpoint_url] if endpoint_url else []
+    cmd += ["--address", address] if address else ["--num-cpus", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=python_env(), capture_output=True, text=True, check=False, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout

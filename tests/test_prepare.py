@@ -12,30 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from prepared_data import (
-    FASHION,
-    ROOT,
-    python_env,
-    upload_dir,
-    write_npz_batches,
-    write_photo_tree,
-)
+from prepared_data import (FASHION, ROOT, prepare_fashion, python_env, upload_dir, write_npz_batches,
+                           write_photo_tree)
 
 from orchestrator.datacache import data_info, local_data_root, sync_prepared
 from orchestrator.errors import ExperimentError
 from orchestrator.raw_data import SourceTree, detect_kind, plan_source, read_shard
 from tarflow.data import DataConfig, dataset_info, load_dataset, to_uint8
 from tarflow.model import ConfigError
-from tarflow.prepared import (
-    MANIFEST,
-    PreparedDataset,
-    encode_shard,
-    file_record,
-    load_manifest,
-    make_manifest,
-    shard_files,
-    verify,
-)
+from tarflow.prepared import (MANIFEST, PreparedDataset, encode_shard, file_record, load_manifest, make_manifest,
+                              shard_files, verify)
 
 needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION), reason=f"{FASHION} absent (dataset-fashion-mnist)")
 
@@ -229,6 +215,10 @@ def test_bad_sources_name_the_file(tmp_path):
     (tmp_path / "train_data_batch_1.npz").write_bytes(b"garbage")
     with pytest.raises(ExperimentError, match=f"{tmp_path}/train_data_batch_1.npz is not a readable npz"):
         plan_source(tree, tree.list_files(), "imagenet_npz", None, None, None, None, None)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.prepare", str(tmp_path), str(tmp_path / "out")],
+                          cwd=ROOT, env=python_env(), capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: fashion_mnist: cannot read ") \
+        and "train-images-idx3-ubyte.gz as gzip" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,11 +253,8 @@ def fashion_s3(s3_server, ray_local):
     Ray instance (--address)."""
     bucket = s3_server.make_bucket("prepared")
     dest = f"s3://{bucket}/fashion32"
-    cmd = [sys.executable, "-m", "orchestrator.prepare", FASHION, dest, "--endpoint-url", s3_server.endpoint_url,
-           "--image-size", "32", "--channels", "3", "--limit", "300", "--shard-size", "128", "--address", ray_local]
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{dest} (endpoint {s3_server.endpoint_url}): prepared (300 train, 300 val images of 3×32×32)" in proc.stdout
+    out = prepare_fashion(dest, s3_server.endpoint_url, ray_local)
+    assert f"{dest} (endpoint {s3_server.endpoint_url}): prepared (300 train, 300 val images of 3×32×32)" in out
     return dest
 
 
@@ -311,7 +298,14 @@ def test_fashion_mnist_into_a_local_dir_and_rerun(ray_local, tmp_path):
     for path, mtime in mtimes.items():
         if not (path.parent.name == "train" and path.stem.endswith("-00001")):
             assert path.stat().st_mtime_ns == mtime, path
-    assert prepare(FASHION, str(dest), limit=300, shard_size=100).already_prepared
+    assert prepare(FASHION, str(dest), limit=300, shard_size=100, verify=True).already_prepared
+    shard = dest / "val/images-00002.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    assert prepare(FASHION, str(dest), limit=300).already_prepared  # sizes only
+    with pytest.raises(ExperimentError, match=r"1 of its files are missing or differ from it \(val/images-00002.npy\)"):
+        prepare(FASHION, str(dest), limit=300, verify=True)
     with pytest.raises(ExperimentError, match=r"already holds prepared data made with other settings \(limit"):
         prepare(FASHION, str(dest), limit=200)
 
