@@ -5,6 +5,8 @@ exact stored byte (the likelihood in bits/dim is defined on those integers), and
 
 Small sets (fashion_mnist, mnist, digits) and the downsampled-ImageNet npz batches are held in memory
 as one uint8 tensor, padded/resized/recoloured once at load. Folders of photos are decoded per item.
+`prepared` data (tarflow/prepared.py: any source converted once by `python -m orchestrator.prepare`)
+is read from its shard files per item, so a worker's memory does not grow with the data set.
 
 Reading order: the config, the dataset class, the pixel conversions, one loader per source, then
 load_dataset / dataset_info.
@@ -25,7 +27,7 @@ from torch.utils.data import Dataset
 
 from tarflow.model import ConfigError
 
-DATASETS = ("fashion_mnist", "mnist", "digits", "imagenet_npz", "image_folder")
+DATASETS = ("fashion_mnist", "mnist", "digits", "imagenet_npz", "image_folder", "prepared")
 SPLITS = ("train", "val")
 FITS = ("pad", "resize")
 DEFAULT_ROOTS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
@@ -36,7 +38,8 @@ class DataConfig:
     """Which images, at what size. Sources: see DATASETS and the loaders below."""
 
     name: str = "fashion_mnist"
-    root: str | None = None        # default per dataset; required for imagenet_npz / image_folder; unused by mnist, digits
+    root: str | None = None        # default per dataset; required for imagenet_npz / image_folder / prepared (a local
+                                   # directory: orchestrator.datacache brings s3:// ones to the node); unused by mnist, digits
     image_size: int | None = None  # output side; None = native (image_folder needs it)
     fit: str = "pad"               # "pad": centre on black, only grows; "resize": shorter side + centre crop. Folders always resize.
     channels: int | None = None    # 1 or 3 (gray->RGB by repeat, RGB->gray by mean); None = native
@@ -58,7 +61,7 @@ class DataConfig:
             v = getattr(self, field)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ConfigError(f"DataConfig.{field} must be a positive integer or None, got {v!r}")
-        if self.name in ("imagenet_npz", "image_folder") and not self.root:
+        if self.name in ("imagenet_npz", "image_folder", "prepared") and not self.root:
             raise ConfigError(f"{self.name}: DataConfig.root is required (the directory holding the images)")
         if self.name == "image_folder" and self.image_size is None:
             raise ConfigError("image_folder: DataConfig.image_size is required (photos come in many sizes)")
@@ -108,13 +111,19 @@ class ImageFolderDataset(ImageDataset):
         self.paths = paths
 
     def image(self, i: int) -> torch.Tensor:
-        from PIL import Image
-        from torchvision.transforms.v2 import functional as TF
+        return decode_photo(self.paths[i], self.image_size, self.channels)
 
-        with Image.open(self.paths[i]) as img:
-            img = img.convert("RGB")
-        img = TF.center_crop(TF.resize(img, [self.image_size], antialias=True), [self.image_size, self.image_size])
-        return to_channels(TF.pil_to_tensor(img)[None], self.channels)[0]
+
+def decode_photo(file, image_size: int, channels: int) -> torch.Tensor:
+    """A photo (path or binary file) as (channels, S, S) uint8: RGB, shorter side resized to S, centre-cropped.
+    Shared by image_folder and the data preparation, so prepared pixels equal these."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    with Image.open(file) as img:
+        img = img.convert("RGB")
+    img = TF.center_crop(TF.resize(img, [image_size], antialias=True), [image_size, image_size])
+    return to_channels(TF.pil_to_tensor(img)[None], channels)[0]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -390,6 +399,11 @@ def load_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
     """The `split` ("train" or "val") of the dataset `cfg` describes."""
     _check(cfg, split)
     flip = cfg.flip and split == "train"
+    if cfg.name == "prepared":
+        from tarflow.prepared import PreparedDataset, check_request
+
+        check_request(cfg)
+        return PreparedDataset(cfg.root_path, split, flip=flip, limit=cfg.limit)
     if cfg.name == "image_folder":
         return _load_image_folder(cfg, split)
     if cfg.name == "imagenet_npz":
@@ -403,8 +417,13 @@ def load_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
 
 
 def dataset_info(cfg: DataConfig) -> dict:
-    """{"channels", "image_size", "num_classes"} of the train split, reading at most one file header."""
+    """{"channels", "image_size", "num_classes"} of the train split, reading at most one file header
+    (prepared data: its manifest)."""
     _check(cfg, "train")
+    if cfg.name == "prepared":
+        from tarflow.prepared import check_request
+
+        return check_request(cfg)
     if cfg.name == "image_folder":
         train_dir, _ = _folder_dirs(cfg, "train")
         return {"channels": cfg.channels or 3, "image_size": cfg.image_size,
