@@ -172,7 +172,7 @@ def bench_memory(cache: Path, images: int, old_images: int, steps: int) -> Path:
     ray.shutdown()
     print(f"  {'loader':22} {'images':>8} {'data set':>9} {'worker peak USS':>18} {'growth over start':>20} "
           f"{'growth / data':>13} {'load s':>7} {'steps/s':>8}")
-    for label, n, workers, wall in rows:
+    for label, n, workers, _ in rows:
         for w in workers:
             growth = w["peak"] - w["base"]
             print(f"  {label:22} {n:>8} {gb(n * IMAGE_BYTES):>9} {gb(w['peak']):>18} {gb(growth):>20} "
@@ -191,7 +191,8 @@ ds = PreparedDataset(root, "train", flip=False)
 idx = np.random.default_rng(1).permutation(len(ds))[:{reads}]
 proc = psutil.Process(); base = proc.memory_full_info().uss
 if mode == "mmap":
-    shards = [np.load(f"{{root}}/{{s['images']}}", mmap_mode="r") for s in load_manifest(root)["splits"]["train"]["shards"]]
+    shards = [np.load(f"{{root}}/{{s['images']}}", mmap_mode="r")
+              for s in load_manifest(root)["splits"]["train"]["shards"]]
     starts = np.cumsum([0] + [len(s) for s in shards])
     for i in idx:
         k = np.searchsorted(starts, i, "right") - 1
@@ -252,7 +253,8 @@ def jpeg_tree(cache: Path, count: int) -> Path:
         folder = root / "train" / f"n{i % 10:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         c = rng.uniform(0, 255, (3, 3))
-        base = np.stack([c[k, 0] + (c[k, 1] - c[k, 0]) * xx / 500 + 30 * np.sin(yy / (8 + 4 * k)) for k in range(3)], -1)
+        base = np.stack([c[k, 0] + (c[k, 1] - c[k, 0]) * xx / 500 + 30 * np.sin(yy / (8 + 4 * k))
+                         for k in range(3)], -1)
         img = Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(img)
         for _ in range(6):
@@ -320,13 +322,15 @@ print(json.dumps({"imports": t1 - t0, "sync": t2 - t1, "first_batch": t3 - t2, "
 
 
 def bench_cache(cache: Path, npz: Path, images: int) -> None:
-    from orchestrator.services import create_bucket, start_s3_server
+    sys.path.insert(0, str(ROOT / "infra" / "local"))
+    from devservers import create_bucket, start_s3_server
 
     print(f"\n(d) time to the first batch on a new process of a node, {images} prepared images in a local SeaweedFS")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         svc = start_s3_server(Path(tmp) / "s3", kind="seaweedfs")
         try:
-            env = {"AWS_ACCESS_KEY_ID": "testkey", "AWS_SECRET_ACCESS_KEY": "testsecret", "AWS_DEFAULT_REGION": "us-east-1"}
+            env = {"AWS_ACCESS_KEY_ID": "testkey", "AWS_SECRET_ACCESS_KEY": "testsecret",
+                   "AWS_DEFAULT_REGION": "us-east-1"}
             ENV.update(env)
             os.environ.update(env)
             create_bucket(svc.url, "bench", "testkey", "testsecret")

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tarflow  # noqa: E402
 from tarflow import TarFlow, TarFlowConfig, TrainConfig, make_train_state, plan_fit, train_step, training_memory  # noqa: E402
 from tarflow.memory import GiB, recompute_flops_per_image  # noqa: E402
 
@@ -84,7 +83,7 @@ def free(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def peak_tflops(device: str, precision: str, repeats: int = 3) -> tuple[float, str]:
     """(peak FLOP/s, where it came from): the known table for this GPU, else a measured large matmul."""
     kind = "bf16" if precision == "bf16" else ("tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32
@@ -187,7 +186,8 @@ def run_training(args, bench: Bench, precision: str, compiled: bool, device_memo
           f"HFU {row.hfu:.1%} (peak {peak / 1e12:.1f} TFLOP/s: {source})")
     if device == "cuda":
         row.peak_gib = torch.cuda.max_memory_allocated() / GiB
-        print(f"  peak memory {row.peak_gib:.2f} GiB allocated (reserved {torch.cuda.max_memory_reserved() / GiB:.2f}); "
+        reserved = torch.cuda.max_memory_reserved() / GiB
+        print(f"  peak memory {row.peak_gib:.2f} GiB allocated (reserved {reserved:.2f}); "
               f"estimate {row.estimate_gib:.2f} GiB: measured/estimate {row.peak_gib / row.estimate_gib:.3f}")
     return row
 
@@ -246,7 +246,8 @@ def run_sampling(args, bench: Bench) -> Row:
         torch.nn.init.normal_(block.proj_out.weight, std=0.02)
     z = torch.randn(args.sample_batch, bench.config.in_channels, bench.config.image_size, bench.config.image_size,
                     device=device)
-    y = (torch.arange(args.sample_batch, device=device) % bench.config.num_classes) if bench.config.num_classes else None
+    classes = bench.config.num_classes
+    y = (torch.arange(args.sample_batch, device=device) % classes) if classes else None
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
     sync(device)
     t = time.perf_counter()
@@ -272,7 +273,7 @@ def guarded(run, rows: list, started: float, budget: float, label: str, device: 
     except torch.cuda.OutOfMemoryError as e:
         print(f"\n[OOM] {label}: {str(e).splitlines()[0][:160]}")
         rows.append(Row(*label.split()[:3], status="OOM"))
-    except Exception as e:  # noqa: BLE001 — a benchmark goes on; the traceback says what broke
+    except Exception as e:
         print(f"\n[error] {label}: {type(e).__name__}: {e}")
         traceback.print_exc(limit=3)
         rows.append(Row(*label.split()[:3], status=f"error: {type(e).__name__}"))
@@ -353,7 +354,7 @@ def run_sections(args, sections: list[str], precisions: list[str]) -> list[Row]:
 
     rows: list[Row] = []
     started = time.perf_counter()
-    run = lambda fn, label: guarded(fn, rows, started, args.budget_s, label, args.device)  # noqa: E731
+    run = lambda fn, label: guarded(fn, rows, started, args.budget_s, label, args.device)
     order = [s for s in SECTIONS if s in sections]
     for section in order:
         for b in benches:

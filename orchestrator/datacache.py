@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -67,6 +68,13 @@ class CacheSync:
 def local_data_root(root: str, endpoint_url: str | None = None, cache_dir: str | None = None) -> str:
     """A local directory holding the prepared data at `root` (s3:// fetched once per node; see the module)."""
     return sync_prepared(root, endpoint_url, cache_dir).path
+
+
+def on_this_node(data: DataConfig, endpoint_url: str | None, cache_dir: str | None) -> DataConfig:
+    """The data config a worker reads: prepared data in S3 replaced by this node's verified local copy."""
+    if data.name != "prepared" or not str(data.root).startswith("s3://"):
+        return data
+    return dataclasses.replace(data, root=local_data_root(data.root, endpoint_url, cache_dir))
 
 
 def sync_prepared(root: str, endpoint_url: str | None = None, cache_dir: str | None = None) -> CacheSync:

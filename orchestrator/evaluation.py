@@ -20,6 +20,7 @@ from torch.utils.data.distributed import DistributedSampler
 import tarflow
 from tarflow.data import DataConfig, ImageDataset, load_dataset, to_uint8
 
+from .datacache import on_this_node
 from .plan import RunPlan, plan_run
 from .storage import RunStorage
 from .tracking import BACKLOG_FILE, RunLogger
@@ -138,6 +139,12 @@ def reference_statistics(data_cfg: DataConfig, fid_cfg, storage, extractor, rank
     cached in storage; each rank featurises its shard. Returns the statistics on every rank."""
     from tarflow.fid import FEATURE_DIM, FIDStatistics, reference_stats_key
 
+    if data_cfg.name == "prepared" and fid_cfg.flips and not fid_cfg.reference_images:
+        from tarflow.prepared import prepared_fid_statistics
+
+        stored = prepared_fid_statistics(data_cfg.root)  # made where the data was prepared, on the paper's protocol
+        if stored is not None:
+            return stored
     plain = dataclasses.replace(data_cfg, flip=False)
     key = reference_stats_key(plain.name, plain.image_size or 0, {
         "root": plain.root, "fit": plain.fit, "channels": plain.channels, "limit": plain.limit,
@@ -276,6 +283,7 @@ def evaluate_checkpoints_per_worker(config: dict) -> None:
     for job in config["jobs"]:
         cfg = OmegaConf.create(job["cfg"])
         plan = plan_run(cfg, source=job["source"])
+        plan.data = on_this_node(plan.data, cfg.storage.endpoint_url, cfg.data.cache_dir)
         model, step = load_final_model(storage, job["run_name"], job["checkpoint"], device)
         data_key = repr(plan.data)
         fid = fid_by_data.setdefault(data_key, FIDContext(cfg, plan, storage, rank, world, device))

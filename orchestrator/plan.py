@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow import ConfigError, TarFlowConfig, TrainConfig
-from tarflow.data import DataConfig, dataset_info
+from tarflow.data import DataConfig
 
+from .datacache import data_info
 from .errors import ExperimentError
 from .schema import ExperimentConfig
 
@@ -84,7 +85,7 @@ def identity_of(cfg: DictConfig) -> dict:
 
 
 # keys of the identity sections that do not change the trained model
-NOT_IDENTITY = {"data.num_workers", "data.val_limit", "data.train_images", "data.num_classes",
+NOT_IDENTITY = {"data.num_workers", "data.val_limit", "data.train_images", "data.num_classes", "data.cache_dir",
                 "train.log_every", "train.checkpoint_every"}
 
 
@@ -132,10 +133,10 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
     try:
         data = data_config(cfg)
         try:
-            info = dataset_info(data)
-        except ConfigError:
+            info = data_info(data, cfg.storage.endpoint_url)  # prepared data in S3: its manifest only
+        except (ConfigError, ExperimentError) as e:
             if require_data or not data.image_size:
-                raise
+                raise ExperimentError(f"{source}: {e}") from None
             info = {"channels": data.channels or 3, "image_size": data.image_size,
                     "num_classes": cfg.data.num_classes or 0, "absent": True}
         if cfg.data.num_classes is not None and info["num_classes"] != cfg.data.num_classes:

@@ -46,8 +46,17 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from tarflow.model import ConfigError
-from tarflow.prepared import (FID_STATS_FILE, MANIFEST, VERSION, encode_shard, file_record, make_manifest,
-                              parse_manifest, sha256_file, shard_files)
+from tarflow.prepared import (
+    FID_STATS_FILE,
+    MANIFEST,
+    VERSION,
+    encode_shard,
+    file_record,
+    make_manifest,
+    parse_manifest,
+    sha256_file,
+    shard_files,
+)
 
 from .errors import ExperimentError, cli_entry
 from .raw_data import KINDS, SourcePlan, SourceTree, detect_kind, plan_source, read_shard
@@ -129,7 +138,8 @@ def prepare(source: str, dest: str, *, kind: str | None = None, image_size: int 
 
     splits = {}
     for sc in sidecars:
-        split = splits.setdefault(sc["split"], {"shards": [], "skipped": [], "ignored": plan.ignored.get(sc["split"], 0)})
+        split = splits.setdefault(sc["split"], {"shards": [], "skipped": [],
+                                                "ignored": plan.ignored.get(sc["split"], 0)})
         split["shards"].append({"images": sc["images"], "labels": sc["labels"], "count": sc["count"]})
         split["skipped"] += sc["skipped"]
     data_files = {rel: rec for sc in sidecars for rel, rec in sc["files"].items()}

@@ -32,8 +32,20 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from tarflow.data import (FASHION_FILES, FOLDER_LAYOUT, NPZ_LAYOUT, DataConfig, _idx_header, _npz_side, _read_gzip,
-                          convert, decode_photo, npy_shape, output_size, read_idx)
+from tarflow.data import (
+    FASHION_FILES,
+    FOLDER_LAYOUT,
+    NPZ_LAYOUT,
+    DataConfig,
+    _idx_header,
+    _npz_side,
+    _read_gzip,
+    convert,
+    decode_photo,
+    npy_shape,
+    output_size,
+    read_idx,
+)
 from tarflow.model import ConfigError
 from tarflow.prepared import FASHION_CLASSES
 

@@ -32,8 +32,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    name: str = "fashion_mnist"     # fashion_mnist, mnist, digits, imagenet_npz, image_folder
-    root: Optional[str] = None
+    name: str = "fashion_mnist"     # fashion_mnist, mnist, digits, imagenet_npz, image_folder, prepared
+    root: Optional[str] = None      # a directory; for prepared data also s3://bucket/prefix (orchestrator.prepare)
+    cache_dir: Optional[str] = None # prepared data from S3 is fetched once per node into it (default: temp dir)
     image_size: Optional[int] = None
     fit: str = "pad"                # pad or resize, to reach image_size
     channels: Optional[int] = None

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Non-secret settings forwarded from this shell to the job (read by orchestrator/conf/*)
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL",
-                 "AWS_DEFAULT_REGION", "AWS_REGION", "TARFLOW_S3_URI", "TARFLOW_DATA", "TARFLOW_CACHE")
+                 "AWS_DEFAULT_REGION", "AWS_REGION", "TARFLOW_S3_URI", "TARFLOW_DATA", "TARFLOW_DATA_URI",
+                 "TARFLOW_CACHE")
 # Ray behaviour flags that make sense to forward (never RAY_ADDRESS, RAY_AUTH_*, RAY_TMPDIR, ...)
 FORWARDED_RAY_PREFIXES = ("RAY_TRAIN_", "RAY_TUNE_", "RAY_DATA_")
 FORWARDED_RAY_FLAGS = ("RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS", "RAY_CHDIR_TO_TRIAL_DIR")

@@ -24,6 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 import tarflow
 from tarflow.data import load_dataset
 
+from .datacache import on_this_node
 from .errors import RESUME_FAILED
 from .evaluation import CHECKPOINT_FILE, FINAL_FILE, FIDContext, evaluate_model, evaluate_settings
 from .plan import RunPlan, plan_run, schedule, train_config
@@ -80,8 +81,10 @@ def start_worker(config: dict) -> Worker:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg.train.seed * 1000 + rank)
-    return Worker(cfg, plan_run(cfg, source=config["source"]), rank, ctx.get_world_size(),
-                  ray.train.torch.get_device(), RunStorage(**config["storage"]), config.get("board"))
+    plan = plan_run(cfg, source=config["source"])
+    plan.data = on_this_node(plan.data, cfg.storage.endpoint_url, cfg.data.cache_dir)  # S3 data: fetched once
+    return Worker(cfg, plan, rank, ctx.get_world_size(), ray.train.torch.get_device(), RunStorage(**config["storage"]),
+                  config.get("board"))
 
 
 def build_state(w: Worker, total_steps: int, warmup_steps: int) -> tarflow.TrainState:

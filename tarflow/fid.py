@@ -20,9 +20,9 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ class FIDStatistics:
             raise ValueError(f"FIDStatistics: mu {self.mu.shape} and sigma {self.sigma.shape} should be (D,), (D, D)")
 
     @classmethod
-    def from_features(cls, feats: torch.Tensor | np.ndarray) -> "FIDStatistics":
+    def from_features(cls, feats: torch.Tensor | np.ndarray) -> FIDStatistics:
         """Mean and unbiased covariance (torch-fidelity's own computation) of (N, D) features, N >= 2."""
         feats = torch.as_tensor(feats).detach().cpu().to(torch.float64)
         if feats.dim() != 2 or len(feats) < 2:
@@ -148,7 +148,7 @@ class FIDStatistics:
             np.savez(path, mu=self.mu, sigma=self.sigma, count=np.int64(self.count))
 
     @classmethod
-    def load(cls, path: str | os.PathLike | io.IOBase) -> "FIDStatistics":
+    def load(cls, path: str | os.PathLike | io.IOBase) -> FIDStatistics:
         """Read `save`'s .npz (or any npz with mu and sigma; count is then 0 = unknown)."""
         with np.load(path, allow_pickle=False) as z:
             count = int(z["count"]) if "count" in z.files else 0

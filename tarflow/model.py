@@ -74,7 +74,7 @@ class TransformerLayer(nn.Module):
                 self.attn_proj.weight, self.attn_proj.bias, self.mlp_norm.weight, self.mlp_norm.bias,
                 self.mlp_in.weight, self.mlp_in.bias, self.mlp_out.weight, self.mlp_out.bias)
 
-    def step(self, x: torch.Tensor, cache: "KVCache", layer: int, pos: int, q_scale: float | torch.Tensor,
+    def step(self, x: torch.Tensor, cache: KVCache, layer: int, pos: int, q_scale: float | torch.Tensor,
              weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """One new token per row at position `pos`, attending to the cached keys 0..pos. x: (B', Ch).
 
@@ -220,11 +220,11 @@ class FlowBlock(nn.Module):
         cache = KVCache(len(self.layers), G * B, layer0.num_heads, N, layer0.head_dim, cache_dtype, x.device)
         w_in = self.proj_in.weight.t()
         w_out, b_out = self.proj_out.weight, self.proj_out.bias
-        layers = [(l, layer, layer.step_weights()) for l, layer in enumerate(self.layers)]
+        layers = [(k, layer, layer.step_weights()) for k, layer in enumerate(self.layers)]
         for i in range(N - 1):
             h = torch.add(bias[i], torch.mm(x[i], w_in)).view(G * B, width)  # token shared by both branches
-            for l, layer, weights in layers:
-                h = layer.step(h, cache, l, i, q_scale, weights)
+            for k, layer, weights in layers:
+                h = layer.step(h, cache, k, i, q_scale, weights)
             out = F.linear(h, w_out, b_out)
             if guided:
                 w = guidance * (i + 1) / (N - 1) if annealed else guidance
@@ -298,11 +298,12 @@ class TarFlowConfig:
         return s if self.noise_std is None else f"{s}-{self.noise_std:g}"
 
     @classmethod
-    def from_string(cls, spec: str, **kwargs) -> "TarFlowConfig":
+    def from_string(cls, spec: str, **kwargs) -> TarFlowConfig:
         """Parse 'P-Ch-T-K' or 'P-Ch-T-K-σ' (e.g. '2-768-8-8-0.05'); other fields from kwargs."""
         m = re.fullmatch(r"\s*(\d+)-(\d+)-(\d+)-(\d+)(?:-([0-9.eE+-]+))?\s*", spec)
         if not m:
-            raise ConfigError(f"cannot parse model name {spec!r}: expected P-Ch-T-K or P-Ch-T-K-sigma, e.g. '2-768-8-8-0.05'")
+            raise ConfigError(f"cannot parse model name {spec!r}: expected P-Ch-T-K or P-Ch-T-K-sigma, "
+                              "e.g. '2-768-8-8-0.05'")
         p, ch, t, k, sigma = m.groups()
         values = dict(patch_size=int(p), width=int(ch), num_blocks=int(t), layers_per_block=int(k))
         if sigma is not None:
@@ -313,7 +314,7 @@ class TarFlowConfig:
         return cls(**values, **kwargs)
 
     @classmethod
-    def from_reference(cls, ref: dict) -> "TarFlowConfig":
+    def from_reference(cls, ref: dict) -> TarFlowConfig:
         """From the authors' argument names (img_size, channels, num_blocks, ...)."""
         return cls(image_size=ref["img_size"], in_channels=ref["in_channels"], patch_size=ref["patch_size"],
                    width=ref["channels"], num_blocks=ref["num_blocks"], layers_per_block=ref["layers_per_block"],
@@ -460,7 +461,7 @@ class TarFlow(nn.Module):
         return keys
 
     @classmethod
-    def from_reference(cls, state_dict: dict, config: "TarFlowConfig | dict") -> "TarFlow":
+    def from_reference(cls, state_dict: dict, config: TarFlowConfig | dict) -> TarFlow:
         """Load a checkpoint in the authors' layout (see ../shared/docs/reference-checkpoint.md)."""
         if isinstance(config, dict):
             config = TarFlowConfig.from_reference(config) if "img_size" in config else TarFlowConfig(**config)

@@ -233,7 +233,7 @@ class PreparedDataset(ImageDataset):
         """(open file, offset of the first image) of shard k, opened and checked on first use."""
         if k not in self._files:
             path, count = self._paths[k]
-            f = open(path, "rb")  # noqa: SIM115 (kept open for pread, closed with the dataset)
+            f = open(path, "rb")
             try:
                 version = np.lib.format.read_magic(f)
                 shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)

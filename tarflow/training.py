@@ -12,9 +12,9 @@ import copy
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -182,7 +182,8 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor | None = None
     state.step += 1
     # one device sync for all the numbers, not one per number
     terms = torch.stack(terms).mean(0)  # equal micro-batches: the mean of their means is the batch mean
-    loss, prior_term, logdet_per_dim, grad_norm = torch.cat([terms, grad_norm.detach().to(terms.dtype).view(1)]).tolist()
+    numbers = torch.cat([terms, grad_norm.detach().to(terms.dtype).view(1)])
+    loss, prior_term, logdet_per_dim, grad_norm = numbers.tolist()
     return {"loss": loss, "prior_term": prior_term, "logdet_per_dim": logdet_per_dim, "lr": lr, "grad_norm": grad_norm}
 
 

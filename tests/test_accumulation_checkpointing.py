@@ -2,7 +2,6 @@
 loss, gradients and parameters after a step as the plain step (fp32, CPU), also under DDP."""
 
 import copy
-import os
 
 import pytest
 import torch

@@ -189,7 +189,8 @@ def test_plan_combines_when_no_single_change_fits():
     # alone still holds one whole image's activations (~3 GiB) beside 7 GiB of state; together they fit
     plan = plan_fit(TABLE2, 32, 10 * GiB, "fp32", num_workers=1, headroom=1.0)
     assert not plan.fits
-    assert [o.overrides for o in plan.options] == [{"train.grad_accum_steps": 8, "train.activation_checkpointing": True}]
+    assert [o.overrides for o in plan.options] == [{"train.grad_accum_steps": 8,
+                                                    "train.activation_checkpointing": True}]
     assert plan.options[0].per_gpu_bytes <= plan.budget_bytes
 
 

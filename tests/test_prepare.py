@@ -12,16 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from prepared_data import (FASHION, ROOT, prepare_fashion, python_env, upload_dir, write_npz_batches,
-                           write_photo_tree)
+from prepared_data import FASHION, ROOT, prepare_fashion, python_env, upload_dir, write_npz_batches, write_photo_tree
 
 from orchestrator.datacache import data_info, local_data_root, sync_prepared
 from orchestrator.errors import ExperimentError
 from orchestrator.raw_data import SourceTree, detect_kind, plan_source, read_shard
 from tarflow.data import DataConfig, dataset_info, load_dataset, to_uint8
 from tarflow.model import ConfigError
-from tarflow.prepared import (MANIFEST, PreparedDataset, encode_shard, file_record, load_manifest, make_manifest,
-                              shard_files, verify)
+from tarflow.prepared import (
+    MANIFEST,
+    PreparedDataset,
+    encode_shard,
+    file_record,
+    load_manifest,
+    make_manifest,
+    shard_files,
+    verify,
+)
 
 needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION), reason=f"{FASHION} absent (dataset-fashion-mnist)")
 
@@ -123,7 +130,8 @@ def test_verify_and_config_checks(tmp_path):
 def test_missing_and_corrupt_manifests(tmp_path):
     with pytest.raises(ConfigError, match=f"{tmp_path} holds no prepared data.*orchestrator.prepare"):
         load_manifest(tmp_path)
-    for text, why in [("{not json", "valid JSON \\(Expecting"), ('{"format": "other"}', "format is not 'tarflow-prepared'"),
+    for text, why in [("{not json", "valid JSON \\(Expecting"),
+                      ('{"format": "other"}', "format is not 'tarflow-prepared'"),
                       ('{"format": "tarflow-prepared", "version": 99}', "version 99"),
                       ('{"format": "tarflow-prepared", "version": 1}', "KeyError")]:
         (tmp_path / MANIFEST).write_text(text)
@@ -134,7 +142,7 @@ def test_missing_and_corrupt_manifests(tmp_path):
 def test_local_roots_errors_name_the_command(tmp_path):
     missing = tmp_path / "imagenet64"
     with pytest.raises(ExperimentError, match=rf"{missing} does not exist.*python -m orchestrator.prepare "
-                                              rf"/path/to/imagenet64 .*{missing} --fid-stats.*scale=smoke runs on a CPU"):
+                       rf"/path/to/imagenet64 .*{missing} --fid-stats.*scale=smoke runs on a CPU"):
         local_data_root(str(missing))
     write_prepared(missing, {"train": [2]})
     assert local_data_root(str(missing)) == str(missing.resolve())
