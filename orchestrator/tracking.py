@@ -15,7 +15,9 @@ from __future__ import annotations
 import base64
 import collections
 import fcntl
+import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .config import redact_uri
 from .errors import ExperimentError
 from .records import RUN_KEY_TAG, SUPERSEDED_TAG
 
@@ -44,8 +47,6 @@ def check_tracking(uri: str) -> None:
         return
     import requests
 
-    from .config import redact_uri
-
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as e:
@@ -53,11 +54,21 @@ def check_tracking(uri: str) -> None:
                               "it or set tracking.uri / MLFLOW_TRACKING_URI to a running server") from None
 
 
-def quick_failing_http() -> None:
-    """MLflow's HTTP client retries for minutes by default; ours fail within seconds and are handled."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+def quick_failing_http(retries: int = 1) -> None:
+    """MLflow's HTTP client retries for minutes by default; ours fail within seconds and are handled (and
+    urllib3's line per retry is not printed). MLflow's own "View run at <url>" lines are off: a tracking URI
+    may hold credentials."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def say(message: str) -> None:
+    """One line on stderr, as it is: inside Ray Train workers print() goes through a logger that echoes it."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 class Tracker:
@@ -173,7 +184,7 @@ def deliver(client: MlflowClient, records: list[dict], last_step: dict) -> None:
 class TrackingQueue:
     """One per process: records of any run, delivered in order by a daemon thread."""
 
-    def __init__(self, uri: str, say=print):
+    def __init__(self, uri: str, say=say):
         self.uri, self.say = uri, say
         self.records: collections.deque = collections.deque()
         self.cond = threading.Condition()
@@ -229,8 +240,8 @@ class TrackingQueue:
             except Exception as e:  # any failure is an outage: keep the records, try later
                 if self.down_since is None:
                     self.down_since = time.time()
-                    self.say(f"[tracking] MLflow at {self.uri} is not answering ({type(e).__name__}); training goes "
-                             f"on and {len(self.records)} record(s) wait in the queue")
+                    self.say(f"[tracking] MLflow at {redact_uri(self.uri)} is not answering ({type(e).__name__}); "
+                             f"training goes on and {len(self.records)} record(s) wait in the queue")
                 self.closed.wait(wait)  # new records do not shorten the wait: no request storm during an outage
                 wait = min(wait * 2, 30.0 if not self.closed.is_set() else 2.0)
                 continue
@@ -252,8 +263,7 @@ class RunLogger:
     _queues: dict[str, TrackingQueue] = {}
 
     def __init__(self, uri: str, run_id: str):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        quick_failing_http(retries=0)  # the queue retries, later, off the training path
         self.queue = self._queues.get(uri) or self._queues.setdefault(uri, TrackingQueue(uri))
         self.run_id = run_id
 
