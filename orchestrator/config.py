@@ -209,6 +209,7 @@ VALUE_RULES = {
     "model.num_blocks": Range(lo=1, integer=True, optional=True),
     "model.layers_per_block": Range(lo=1, integer=True, optional=True),
     "model.head_dim": POSITIVE_INT,
+    "model.init_from": Text(optional=True),
     "data.name": OneOf(("fashion_mnist", "mnist", "digits", "imagenet_npz", "image_folder", "prepared")),
     "data.root": Text(optional=True),
     "data.image_size": Range(lo=1, integer=True, optional=True),
@@ -245,6 +246,10 @@ VALUE_RULES = {
     "eval.fid.batch_size": POSITIVE_INT,
     "eval.fid.inception_weights": Text(optional=True),
     "eval.fid.reference_images": Range(lo=1, integer=True, optional=True),
+    "sample.num_samples": POSITIVE_INT,
+    "sample.batch_size": POSITIVE_INT,
+    "sample.seed": NONNEG_INT,
+    "sample.grid": NONNEG_INT,
     "storage.uri": Text(),
     "storage.endpoint_url": Text(optional=True, schemes=("http", "https")),
     "storage.keep_checkpoints": POSITIVE_INT,
@@ -271,7 +276,7 @@ VALUE_RULES = {
     "sweep.scheduler.grace_period": POSITIVE_INT,
     "sweep.scheduler.reduction_factor": Range(lo=1, lo_open=True),
 }
-FREE_FORM = {"experiment.title", "train.betas", "sweep.train_axes", "sweep.sample_axes", "reference"}
+FREE_FORM = {"experiment.title", "train.betas", "sweep.train_axes", "sweep.sample_axes", "reference", "sample.classes"}
 
 
 def check_values(cfg: DictConfig, source: str) -> None:
@@ -294,7 +299,8 @@ def check_values(cfg: DictConfig, source: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Credentials in URIs never leave the process: what is printed, logged or stored is redacted
 
-REDACTED_KEYS = ("tracking.uri", "storage.uri", "storage.endpoint_url", "cluster.address", "data.root")
+REDACTED_KEYS = ("tracking.uri", "storage.uri", "storage.endpoint_url", "cluster.address", "data.root",
+                 "model.init_from")
 
 
 def redact_uri(uri: str | None) -> str | None:

@@ -7,7 +7,7 @@ before any work starts. Defaults here are the paper's; the YAML groups under con
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -28,6 +28,9 @@ class ModelSection:
     conditional: bool = False       # class-conditional on the data set's labels
     nvp: bool = True                # affine (True) or shift-only "VP" (False)
     head_dim: int = 64
+    # start from these weights (part of the run's identity): a finished run (its name in storage), a
+    # checkpoint file (path or s3://, ours: state.pt), or the authors' layout (a .pth state_dict)
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -50,7 +53,7 @@ class DataSection:
 class TrainSection:
     batch_size: int = 256           # global, across workers
     epochs: float = 100.0
-    steps: Optional[int] = None     # overrides epochs when set
+    steps: Optional[int] = None     # overrides epochs when set; 0 with model.init_from: evaluate only
     lr: float = 1e-4
     min_lr: float = 1e-6
     betas: list = field(default_factory=lambda: [0.9, 0.95])
@@ -91,6 +94,20 @@ class EvalSection:
     denoise_step: float = 1.0
     sample_batch_size: int = 64
     fid: FIDSection = field(default_factory=FIDSection)
+
+
+@dataclass
+class SampleSection:
+    """python -m orchestrator.sample: many samples of a trained model, drawn on every Ray worker. The
+    sampling knobs (guidance, denoising, sampler, ...) are the eval section's."""
+
+    num_samples: int = 50000        # the paper's FID-50K
+    batch_size: int = 64            # samples per chunk; chunk k always holds samples k·B..: the same samples
+                                    # come out whatever the number of workers
+    classes: Optional[List[int]] = None  # labels cycled through; null: class-balanced (sample i gets i mod n)
+    seed: int = 0
+    grid: int = 64                  # samples shown in the PNG grid
+    fid: bool = False               # FID against the data set's reference statistics (eval.fid settings)
 
 
 @dataclass
@@ -155,6 +172,7 @@ class ExperimentConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    sample: SampleSection = field(default_factory=SampleSection)
     storage: StorageSection = field(default_factory=StorageSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
