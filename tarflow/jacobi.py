@@ -270,11 +270,12 @@ def _sequential(block, z, y, guidance, annealed, attn_temp, stats, mode, reason=
 class JacobiPlan:
     """One BlockPlan per flow block (indexed like model.blocks), made once and reused for every batch.
 
-    calibration: what plan_jacobi measured per block (model index -> option -> figures), for reports.
+    calibration: what plan_jacobi measured and predicted per block (model index -> option -> figures).
     """
 
     blocks: list[BlockPlan]
     calibration: dict[int, dict[str, dict]] = field(default_factory=dict)
+    cost: CostModel | None = None  # the timings plan_jacobi fitted
 
     @classmethod
     def uniform(cls, num_blocks: int, block: BlockPlan | None = None) -> JacobiPlan:
@@ -350,7 +351,43 @@ def jacobi_reverse(model: TarFlow, z: torch.Tensor, y: torch.Tensor | None = Non
 # Calibration
 
 
-SEQUENTIAL_PREFERENCE = 1.05  # Jacobi must beat the sequential sampler's time by 5% to be chosen
+SEQUENTIAL_PREFERENCE = 1.05  # Jacobi must beat the sequential sampler's predicted time by 5% to be chosen
+
+
+@dataclass
+class CostModel:
+    """Seconds to invert one block of a batch: sequential, or Jacobi as per_forward·forwards +
+    per_token·tokens (network calls, and query tokens per image and branch, as BlockStats counts them)."""
+
+    sequential: float
+    per_forward: float
+    per_token: float
+
+    def predict(self, figures: dict, N: int) -> float:
+        if figures["mode"] == "sequential":
+            return self.sequential
+        forwards, tokens = figures["forwards"], figures["tokens"]
+        extra = 0.0
+        if figures["mode"] == "fallback":  # the counts include the sequential steps that followed
+            forwards, tokens, extra = forwards - (N - 1), tokens - (N - 1), self.sequential
+        return self.per_forward * forwards + self.per_token * tokens + extra
+
+    @classmethod
+    def fit(cls, sequential: list[float], jacobi: list[tuple[int, int, float]]) -> CostModel:
+        """Median sequential time; least squares over (forwards, tokens, seconds) of the Jacobi runs
+        that converged, coefficients kept >= 0."""
+        def lstsq(cols):
+            A = torch.tensor([[r[c] for c in cols] for r in jacobi], dtype=torch.float64)
+            sol = torch.linalg.lstsq(A, torch.tensor([r[2] for r in jacobi], dtype=torch.float64)[:, None]).solution
+            return sol[:, 0].tolist()
+
+        per_forward = per_token = 0.0
+        if jacobi:
+            per_forward, per_token = lstsq([0, 1])
+            if per_forward < 0 or per_token < 0:  # noise: keep the one term that explains the times
+                per_forward, per_token = (0.0, max(lstsq([1])[0], 0.0)) if per_forward < 0 else (
+                    max(lstsq([0])[0], 0.0), 0.0)
+        return cls(sorted(sequential)[len(sequential) // 2], per_forward, per_token)
 
 
 @torch.no_grad()
@@ -358,41 +395,51 @@ def plan_jacobi(model: TarFlow, z: torch.Tensor, y: torch.Tensor | None = None, 
                 annealed_guidance: bool = False, attn_temp: float = 1.0, tol: float = DEFAULT_TOL,
                 max_iters: int | None = None, segments: tuple[int, ...] = (2, 4, 8), inits: tuple[str, ...] = INITS,
                 repeats: int = 2) -> JacobiPlan:
-    """Choose, per block, the fastest way to invert it, by timing the options on one batch.
+    """Choose, per block, the fastest way to invert it, from one calibration batch.
 
     Use a batch like those to be sampled (same size, device, guidance and tol): the answer depends
-    on them. Per block, in sampling order: the sequential sampler (which also supplies the exact
-    input of the next block and the reference for each option's error), Jacobi in one segment with
-    each initial guess in `inits`, then the better guess (fewer token evaluations; GS-Jacobi's
-    "initial guessing") with the block split into each number of `segments`. The fastest option
-    wins (best of `repeats` timings); Jacobi must beat sequential by SEQUENTIAL_PREFERENCE. Costs
-    about (2 + len(inits) + len(segments))·repeats inversions of the batch.
+    on them. Per block, in sampling order, it runs the sequential sampler (which also supplies the
+    exact input of the next block and the reference for each option's error), Jacobi in one segment
+    with each initial guess in `inits`, then the better guess (fewer token evaluations; GS-Jacobi's
+    initial guessing) with the block split into each number of `segments`, and counts each option's
+    network calls and token evaluations. The counts do not depend on the machine; the time per call
+    and per token does, so a CostModel is fitted to all the runs' timings at once (best of `repeats`
+    each), which is far steadier on a busy machine than comparing single timings. The option with
+    the least predicted time wins; Jacobi must beat sequential by SEQUENTIAL_PREFERENCE. Costs about
+    (2 + len(inits) + len(segments))·repeats inversions of the batch.
     """
     model.check_input(z, y)
     h = model.patchify(z) * model.prior_var.sqrt().to(z.dtype)
     N = model.config.num_tokens
-    chosen: list[BlockPlan | None] = [None] * len(model.blocks)
-    table: dict[int, dict[str, dict]] = {}
+    measured: dict[int, dict[BlockPlan, dict]] = {}
 
     for t in reversed(range(len(model.blocks))):
         args = (model.blocks[t], h, y, guidance, annealed_guidance, attn_temp, tol, max_iters)
         exact, seq = _timed_block(t, N, args, BlockPlan(sequential=True), repeats)
-        options = {BlockPlan(sequential=True): seq}
+        options = measured[t] = {BlockPlan(sequential=True): seq}
         candidates = [BlockPlan(init=i) for i in inits]
         for bp in candidates:
             options[bp] = _timed_block(t, N, args, bp, repeats, exact)[1]
         converged = [bp for bp in candidates if options[bp]["mode"] == "jacobi"]
-        init = min(converged, key=lambda bp: options[bp]["nfe"]).init if converged else inits[0]
+        init = min(converged, key=lambda bp: options[bp]["tokens"]).init if converged else inits[0]
         for n in segments:
             bounds = even_bounds(N, n)
             if 2 < len(bounds) < N:  # a real split, and not one token per segment (that is sequential)
                 bp = BlockPlan(bounds, init)
                 options[bp] = _timed_block(t, N, args, bp, repeats, exact)[1]
-        cost = {bp: f["seconds"] * (1 if bp.sequential else SEQUENTIAL_PREFERENCE) for bp, f in options.items()}
-        chosen[t] = min(cost, key=cost.get)
-        table[t] = {bp.describe(): figures for bp, figures in options.items()}
         h = exact
-    return JacobiPlan(chosen, table)
+
+    cost = CostModel.fit([o[BlockPlan(sequential=True)]["seconds"] for o in measured.values()],
+                         [(f["forwards"], f["tokens"], f["seconds"]) for o in measured.values() for f in o.values()
+                          if f["mode"] == "jacobi"])
+    chosen, table = [None] * len(model.blocks), {}
+    for t, options in measured.items():
+        for f in options.values():
+            f["predicted"] = cost.predict(f, N)
+        score = {bp: f["predicted"] * (1 if bp.sequential else SEQUENTIAL_PREFERENCE) for bp, f in options.items()}
+        chosen[t] = min(score, key=score.get)
+        table[t] = {bp.describe(): f for bp, f in options.items()}
+    return JacobiPlan(chosen, table, cost)
 
 
 def _timed_block(t: int, N: int, args: tuple, bp: BlockPlan, repeats: int,
@@ -407,8 +454,8 @@ def _timed_block(t: int, N: int, args: tuple, bp: BlockPlan, repeats: int,
         x = jacobi_block_reverse(*args, plan=bp, stats=s)
         _sync(device)
         best = min(best, time.perf_counter() - t0)
-    figures = {"seconds": best, "mode": s.mode, "iterations": s.iterations, "forwards": s.forwards, "nfe": s.nfe,
-               "reason": s.reason}
+    figures = {"seconds": best, "mode": s.mode, "iterations": s.iterations, "forwards": s.forwards,
+               "tokens": s.tokens, "nfe": s.nfe, "reason": s.reason}
     if exact is not None:
         figures["max_err"] = (x - exact).abs().max().item()
     return x, figures

@@ -182,6 +182,8 @@ def test_plan_jacobi_measures_every_option_and_its_plan_is_exact():
         assert len(options) == 5 and {"sequential", "jacobi init=z", "jacobi init=zeros"} <= set(options)
         assert sum(k.endswith((" 2 segments", " 4 segments")) for k in options) == 2
         assert all(o["max_err"] < 1e-10 for k, o in options.items() if k != "sequential")
+        assert all(o["predicted"] >= 0 and o["seconds"] > 0 for o in options.values())
+    assert plan.cost.sequential > 0 and plan.cost.per_forward >= 0 and plan.cost.per_token >= 0
     assert "block 2:" in plan.describe().split(";")[0]
     z2 = torch.randn(4, 1, 8, 8, dtype=torch.float64)  # the plan is reused on new noise
     x, _ = jacobi_reverse(model, z2, y, 2.0, True, tol=1e-12, plan=plan)
