@@ -1,10 +1,13 @@
-"""Sampling: the guided KV-cached inverse (TarFlow.reverse) plus score-based denoising."""
+"""Sampling: the guided inverse (TarFlow.reverse, or its Jacobi form in jacobi.py) plus score-based denoising."""
 
 from __future__ import annotations
 
 import torch
 
-from .model import TarFlow
+from .jacobi import DEFAULT_TOL, JacobiPlan, jacobi_reverse
+from .model import ConfigError, TarFlow
+
+SAMPLERS = ("sequential", "jacobi")
 
 
 def score(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,11 +28,17 @@ def denoise(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None, sigm
 def sample(model: TarFlow, n: int, y: torch.Tensor | None = None, guidance: float = 0.0,
            annealed_guidance: bool = False, attn_temp: float = 1.0, denoise_sigma: float | None = None,
            denoise_step: float = 1.0, generator: torch.Generator | None = None,
-           device: torch.device | str | None = None) -> torch.Tensor:
+           device: torch.device | str | None = None, sampler: str = "sequential", jacobi_tol: float = DEFAULT_TOL,
+           jacobi_max_iters: int | None = None, jacobi_plan: JacobiPlan | None = None) -> torch.Tensor:
     """n images (n, C, H, W) on the [−1, 1] scale (not clipped: clip for display or FID).
 
     denoise_sigma: the training noise σ; when set, one denoising step follows the inverse.
+    sampler: "sequential" (TarFlow.reverse, token by token with a KV cache) or "jacobi" (parallel
+    fixed-point iteration per block, see jacobi.py: jacobi_tol, jacobi_max_iters and a jacobi_plan
+    from plan_jacobi; its diagnostics come from calling jacobi_reverse directly).
     """
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
     c = model.config
     device = device or next(model.parameters()).device
     z = torch.randn(n, c.in_channels, c.image_size, c.image_size, generator=generator,
@@ -39,7 +48,11 @@ def sample(model: TarFlow, n: int, y: torch.Tensor | None = None, guidance: floa
     was_training = model.training
     model.eval()
     try:
-        x = model.reverse(z, y, guidance=guidance, annealed_guidance=annealed_guidance, attn_temp=attn_temp)
+        if sampler == "jacobi":
+            x, _ = jacobi_reverse(model, z, y, guidance=guidance, annealed_guidance=annealed_guidance,
+                                  attn_temp=attn_temp, tol=jacobi_tol, max_iters=jacobi_max_iters, plan=jacobi_plan)
+        else:
+            x = model.reverse(z, y, guidance=guidance, annealed_guidance=annealed_guidance, attn_temp=attn_temp)
         if denoise_sigma:
             x = denoise(model, x, y, sigma=denoise_sigma, step=denoise_step)
     finally:
