@@ -111,8 +111,8 @@ def chunk_params(block: FlowBlock, inp: BlockInputs, x: torch.Tensor, start: int
     h = F.linear(x, block.proj_in.weight)[None] + inp.pos[start:start + L] + inp.cls  # (G, B, L, Ch)
     h = h.reshape(inp.G * B, L, -1)
     mask = prefix_mask(start, L, x.device) if start else None
-    for l, layer in enumerate(block.layers):
-        h = layer_chunk(layer, h, start, None if cache is None else cache[l], inp.q_scale, mask)
+    for k, layer in enumerate(block.layers):
+        h = layer_chunk(layer, h, start, None if cache is None else cache[k], inp.q_scale, mask)
     out = F.linear(h, block.proj_out.weight, block.proj_out.bias)
     if inp.G == 1:
         return out

@@ -198,7 +198,8 @@ class FlowBlock(nn.Module):
         G = 2 if guided else 1
         # Token-major (N, B, D) copy: the token read (x[i]) and the token written (x[i+1]) are
         # contiguous (B, D) slabs, updated in place.
-        x = self.permute(z).transpose(0, 1).contiguous()
+        # a copy even when z is already token-major (contiguous() would then return z itself, written in place)
+        x = self.permute(z).transpose(0, 1).clone(memory_format=torch.contiguous_format)
         width = self.pos_embed.shape[1]
 
         def embed(labels):  # (B, Ch) class (or no-class) embedding of one branch
