@@ -84,6 +84,19 @@ def with_overrides(cfg: DictConfig, values: dict, source: str = "config") -> Dic
     return out
 
 
+def with_dotlist(cfg: DictConfig | dict, overrides: list[str], source: str = "config") -> DictConfig:
+    """A stored config (e.g. a run's config.yaml) with command-line key=value overrides, typed and checked."""
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+        base = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg)
+        out = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), base, dotlist)
+    except OmegaConfBaseException as e:
+        raise ExperimentError(f"{source}: {_explain(e, overrides)}") from None
+    check_values(out, source)
+    OmegaConf.set_readonly(out, True)
+    return out
+
+
 def _yaml_value(v) -> str:
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -203,6 +216,7 @@ FRACTION_OPEN = Range(lo=0, hi=1, lo_open=True, hi_open=True)
 VALUE_RULES = {
     "experiment.name": Text(),
     "experiment.scale": Text(),
+    "experiment.label": Text(),
     "model.arch": Text(),
     "model.patch_size": Range(lo=1, integer=True, optional=True),
     "model.width": Range(lo=1, integer=True, optional=True),
@@ -242,6 +256,9 @@ VALUE_RULES = {
     "eval.attn_temp": POSITIVE,
     "eval.denoise_step": POSITIVE,
     "eval.sample_batch_size": POSITIVE_INT,
+    "eval.sampler": OneOf(("sequential", "jacobi")),
+    "eval.jacobi.tol": POSITIVE,
+    "eval.jacobi.max_iters": Range(lo=1, integer=True, optional=True),
     "eval.fid.num_samples": POSITIVE_INT,
     "eval.fid.batch_size": POSITIVE_INT,
     "eval.fid.inception_weights": Text(optional=True),
@@ -291,6 +308,9 @@ def check_values(cfg: DictConfig, source: str) -> None:
     if cfg.train.min_lr > cfg.train.lr:
         raise ExperimentError(f"{source}: train.min_lr={cfg.train.min_lr:g} is above train.lr={cfg.train.lr:g}; the "
                               "schedule decays from lr down to min_lr")
+    if cfg.train.steps == 0 and not cfg.model.init_from:
+        raise ExperimentError(f"{source}: train.steps=0 (evaluate only) needs model.init_from, the weights to "
+                              "evaluate")
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ExperimentError(f"{source}: train.batch_size={cfg.train.batch_size} is not divisible by "
                               f"cluster.num_workers={cfg.cluster.num_workers}")

@@ -26,7 +26,7 @@ def estimate_cost(plan: RunPlan, runs: int = 1, train_size: int | None = None) -
     """None when the training-set size is unknown (data absent and data.train_images unset)."""
     cfg = plan.cfg
     size = train_size or cfg.data.train_images
-    if cfg.train.steps:
+    if cfg.train.steps is not None:
         images = cfg.train.steps * cfg.train.batch_size
     elif size:
         images = cfg.train.epochs * (size // cfg.train.batch_size) * cfg.train.batch_size

@@ -9,8 +9,10 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +26,7 @@ from .datacache import on_this_node
 from .plan import RunPlan, plan_run
 from .storage import RunStorage
 from .tracking import BACKLOG_FILE, RunLogger
+from .weights import WeightsSource, load_weights
 
 CHECKPOINT_FILE = "state.pt"
 FINAL_FILE = "final_metrics.json"  # <run>/final_metrics.json: a training run's final metrics, written by rank 0
@@ -49,24 +52,37 @@ def heldout_bpd(model: tarflow.TarFlow, val: ImageDataset, batch_size: int, devi
     return (total[0] / total[1]).item()
 
 
-def sample_grid_png(model: tarflow.TarFlow, path: Path, n: int, batch_size: int, device: torch.device,
-                    num_classes: int, guidance: float, annealed_guidance: bool, attn_temp: float,
-                    denoise_sigma: float | None, denoise_step: float, seed: int = 0) -> Path:
-    """Samples (labels cycling through the classes for conditional models) saved as one PNG grid."""
+def draw(model: tarflow.TarFlow, eval_cfg, noise_std: float | None, n: int, y: torch.Tensor | None,
+         generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """n samples with the eval section's sampling knobs (guidance, annealing, attention temperature, denoising
+    with the training σ, sequential or Jacobi inversion). (n, C, H, W) on the [-1, 1] scale."""
+    return tarflow.sample(model, n, y=y, guidance=eval_cfg.guidance, annealed_guidance=eval_cfg.annealed_guidance,
+                          attn_temp=eval_cfg.attn_temp, denoise_sigma=noise_std if eval_cfg.denoise else None,
+                          denoise_step=eval_cfg.denoise_step, generator=generator, device=device,
+                          sampler=eval_cfg.sampler, jacobi_tol=eval_cfg.jacobi.tol,
+                          jacobi_max_iters=eval_cfg.jacobi.max_iters)
+
+
+def save_grid(images: torch.Tensor, path: Path) -> Path:
     from PIL import Image
 
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    images = []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        y = (torch.arange(start, start + b) % num_classes).to(device) if num_classes else None
-        images.append(tarflow.sample(model, b, y=y, guidance=guidance, annealed_guidance=annealed_guidance,
-                                     attn_temp=attn_temp, denoise_sigma=denoise_sigma, denoise_step=denoise_step,
-                                     generator=gen, device=device).cpu())
-    grid = tarflow.sample_grid(torch.cat(images), nrow=max(1, int(n**0.5)))
+    grid = tarflow.sample_grid(images, nrow=max(1, int(len(images) ** 0.5)))
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.numpy()).save(path)
     return path
+
+
+def sample_grid_png(model: tarflow.TarFlow, path: Path, eval_cfg, noise_std: float | None, device: torch.device,
+                    seed: int = 0) -> Path:
+    """eval.num_samples samples (labels cycling through the classes for conditional models) as one PNG grid."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n, batch, classes = eval_cfg.num_samples, eval_cfg.sample_batch_size, model.config.num_classes
+    images = []
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        y = (torch.arange(start, start + b) % classes).to(device) if classes else None
+        images.append(draw(model, eval_cfg, noise_std, b, y, gen, device).cpu())
+    return save_grid(torch.cat(images), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,10 +199,7 @@ def sample_fid(model: tarflow.TarFlow, eval_cfg, noise_std: float | None, refere
     for start in range(0, share, fid_cfg.batch_size):
         b = min(fid_cfg.batch_size, share - start)
         y = torch.randint(classes, (b,), generator=gen).to(device) if classes else None
-        x = tarflow.sample(model, b, y=y, guidance=eval_cfg.guidance, annealed_guidance=eval_cfg.annealed_guidance,
-                           attn_temp=eval_cfg.attn_temp, denoise_sigma=noise_std if eval_cfg.denoise else None,
-                           denoise_step=eval_cfg.denoise_step, generator=gen, device=device)
-        moments.add(extractor(x.clamp(-1, 1)))
+        moments.add(extractor(draw(model, eval_cfg, noise_std, b, y, gen, device).clamp(-1, 1)))
     return frechet_distance(moments.all_reduce(world).statistics(), reference)
 
 
@@ -232,11 +245,8 @@ def evaluate_model(model: tarflow.TarFlow, cfg: DictConfig, eval_cfg: DictConfig
             val = torch.utils.data.Subset(val, range(min(cfg.data.val_limit, len(val))))
         out["bpd"] = heldout_bpd(model, val, plan.per_worker_batch, device, rank, world, seed=cfg.train.seed)
     if samples and logger and eval_cfg.num_samples > 0:
-        e = eval_cfg
         with tempfile.TemporaryDirectory() as tmp:
-            path = sample_grid_png(model, Path(tmp) / "samples.png", e.num_samples, e.sample_batch_size, device,
-                                   plan.model.num_classes, e.guidance, e.annealed_guidance, e.attn_temp,
-                                   noise_std if e.denoise else None, e.denoise_step, seed=cfg.train.seed)
+            path = sample_grid_png(model, Path(tmp) / "samples.png", eval_cfg, noise_std, device, seed=cfg.train.seed)
             logger.log_artifact(path, "samples")
     return out
 
@@ -302,3 +312,109 @@ def evaluate_checkpoints_per_worker(config: dict) -> None:
             if records:
                 storage.write_text(f"{job['run_name']}/{BACKLOG_FILE}", json.dumps(records))
     ray.train.report({"evaluated": len(config["jobs"]), "tracking_pending": len(pending)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Many samples of one model (python -m orchestrator.sample), drawn on every worker
+
+
+SAMPLES_FILE = "samples.npz"  # arr_0: uint8 (N, H, W, C), arr_1: int64 labels (conditional models): ADM's layout
+
+
+def sample_labels(indices: torch.Tensor, num_classes: int, classes) -> torch.Tensor | None:
+    """Sample i's label: the given classes cycled through, else class-balanced (i mod num_classes)."""
+    if not num_classes:
+        return None
+    if classes:
+        pool = torch.tensor(list(classes), dtype=torch.int64)
+        if int(pool.min()) < 0 or int(pool.max()) >= num_classes:
+            raise ValueError(f"sample.classes {list(classes)} are not all in [0, {num_classes - 1}]")
+        return pool[indices % len(pool)]
+    return indices % num_classes
+
+
+def write_npz(path: Path, parts: list[Path], count: int, image_shape: tuple, with_labels: bool) -> None:
+    """Chunk files (each an npz of "images" (b, H, W, C) uint8 and "labels") into one npz, streamed: the
+    whole array is never in memory (50,000 samples at 256² are 9.8 GB)."""
+    members = [("arr_0", "images", "|u1", (count, *image_shape))]
+    if with_labels:
+        members.append(("arr_1", "labels", "<i8", (count,)))
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for member, key, descr, shape in members:
+            with z.open(f"{member}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+                for part in parts:
+                    with np.load(part) as chunk:
+                        f.write(np.ascontiguousarray(chunk[key]).tobytes())
+
+
+def sample_per_worker(config: dict) -> None:
+    """Ray Train entry of orchestrator.sample. config: {"cfg", "source", "weights" (a WeightsSource dict),
+    "storage", "out" (a directory in that storage), "need_data"}.
+
+    Samples come in chunks of sample.batch_size; chunk k holds samples k·B.. and is drawn from noise seeded by
+    (sample.seed, k), rank r drawing chunks r, r + world, ...: the same samples whatever the number of workers.
+    Rank 0 assembles them, in order, into one npz, a PNG grid and result.json in storage."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cfg = OmegaConf.create(config["cfg"])
+    plan = plan_run(cfg, source=config["source"], require_data=config["need_data"])
+    storage, out = RunStorage(**config["storage"]), config["out"]
+    weights, ema = load_weights(WeightsSource(**config["weights"]), plan.model)
+    model = tarflow.TarFlow(plan.model)
+    model.load_state_dict(ema if ema is not None else weights)
+    model.to(device).eval()
+    s = cfg.sample
+    noise_std = cfg.train.noise_std if cfg.train.noise == "gaussian" else None
+    fid = None
+    if s.fid:
+        plan.data = on_this_node(plan.data, cfg.storage.endpoint_url, cfg.data.cache_dir)
+        fid = FIDContext(cfg, plan, storage, rank, world, device)
+        extractor, reference = fid.parts()
+        from tarflow.fid import FEATURE_DIM
+
+        moments = FeatureMoments(FEATURE_DIM, device)
+    chunks = -(-s.num_samples // s.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(rank, chunks, world):
+            idx = torch.arange(k * s.batch_size, min(s.num_samples, (k + 1) * s.batch_size))
+            y = sample_labels(idx, plan.model.num_classes, s.classes)
+            gen = torch.Generator(device="cpu").manual_seed(s.seed * 1_000_003 + k)
+            x = draw(model, cfg.eval, noise_std, len(idx), None if y is None else y.to(device), gen, device)
+            x = x.clamp(-1, 1)
+            if fid is not None:
+                moments.add(extractor(x))
+            images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+            part = Path(tmp) / f"chunk-{k:07d}.npz"
+            np.savez(part, images=images, labels=(y if y is not None else torch.full_like(idx, -1)).numpy())
+            storage.write_bytes(f"{out}/parts/{part.name}", part.read_bytes())
+        metrics = {}
+        if fid is not None:
+            from tarflow.fid import frechet_distance
+
+            metrics["fid"] = frechet_distance(moments.all_reduce(world).statistics(), reference)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            parts = []
+            for k in range(chunks):
+                parts.append(storage.download(f"{out}/parts/chunk-{k:07d}.npz", Path(tmp) / "all" / f"{k:07d}.npz"))
+            shape = (plan.model.image_size, plan.model.image_size, plan.model.in_channels)
+            write_npz(Path(tmp) / SAMPLES_FILE, parts, s.num_samples, shape, bool(plan.model.num_classes))
+            storage.upload(Path(tmp) / SAMPLES_FILE, f"{out}/{SAMPLES_FILE}")
+            shown = []
+            for part in parts:
+                if sum(len(p) for p in shown) >= s.grid:
+                    break
+                with np.load(part) as chunk:
+                    shown.append(torch.from_numpy(chunk["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+            if s.grid:
+                grid = save_grid(torch.cat(shown)[: s.grid], Path(tmp) / "grid.png")
+                storage.write_bytes(f"{out}/grid.png", grid.read_bytes())
+            storage.delete_dir(f"{out}/parts")
+            storage.write_text(f"{out}/{FINAL_FILE}", json.dumps({"metrics": metrics, "num_samples": s.num_samples}))
+    ray.train.report({"samples": s.num_samples, **metrics})

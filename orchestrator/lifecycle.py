@@ -10,7 +10,9 @@ what it missed waits in `<run>/tracking_backlog.json` and is replayed by the nex
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import posixpath
 import re
 import subprocess
 import time
@@ -20,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tarflow.training import CheckpointCorrupt
 
-from .config import compose_experiment, redact_uri, with_overrides
+from .config import compose_experiment, redact_uri, with_dotlist, with_overrides
 from .errors import RESUME_FAILED, ExperimentError, RunFailed
 from .evaluation import CHECKPOINT_FILE, EVALUATED_PREFIX, FINAL_FILE
 from .lease import RunLease
@@ -36,12 +38,14 @@ from .records import (
     RUN,
     SCALE_TAG,
     SETTING_TAG,
+    STORAGE_TAG,
     flat_params,
     resolved_config,
     setting_label,
 )
 from .storage import RunStorage, storage_from_config
 from .tracking import BACKLOG_FILE, Tracker, replay_backlog, resolve_tracking_uri
+from .weights import check_weights, find_weights
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
@@ -73,12 +77,8 @@ def write_result(storage: RunStorage, run_name: str, result: dict) -> None:
     storage.write_text(f"{run_name}/{RESULT_FILE}", json.dumps(result, indent=1))
 
 
-def checkpoints(storage: RunStorage, run_name: str) -> list[str]:
-    return sorted(n for n in storage.list(run_name) if re.fullmatch(r"checkpoint_\d+", n))
-
-
 def latest_checkpoint(storage: RunStorage, run_name: str) -> str | None:
-    names = checkpoints(storage, run_name)
+    names = storage.checkpoints(run_name)
     return names[-1] if names else None
 
 
@@ -92,7 +92,7 @@ def checkpoint_to_resume(plan: RunPlan, storage: RunStorage, set_aside_corrupt: 
     A corrupt one stops the launch (it would fail the same way on every retry) with what to do; with
     set_aside_corrupt it is moved to <run>/corrupt/ and the one before it is used. A read that fails is an
     I/O problem of the storage, said as such."""
-    names = checkpoints(storage, plan.run_name)
+    names = storage.checkpoints(plan.run_name)
     while names:
         name = names[-1]
         try:
@@ -143,6 +143,8 @@ def start_tracked_run(plan: RunPlan, storage: RunStorage, tracker: Tracker, pare
 
     tags = {"git_commit": git_commit(), CONFIG_HASH_TAG: plan.run_key, SCALE_TAG: plan.cfg.experiment.scale,
             ARCH_TAG: plan.arch, KIND_TAG: RUN, "storage": f"{redact_uri(storage.describe())}/{plan.run_name}",
+            STORAGE_TAG: json.dumps({"uri": redact_uri(storage.uri), "endpoint_url": redact_uri(storage.endpoint_url),
+                                     "run_name": plan.run_name}),
             **(extra_tags or {})}
     if parent_run_id:
         tags[PARENT_TAG] = parent_run_id
@@ -192,10 +194,17 @@ def catch_up_experiment(storage: RunStorage, experiment: str, tracker: Tracker) 
 def after_training(storage: RunStorage, run_name: str, tracker: Tracker, actions: list[dict]) -> bool:
     """The driver's own tracking after a fit (tags, final statuses): done now, or added to the run's
     backlog when MLflow does not answer. Returns whether MLflow is up to date."""
-    backlog = storage.read_json(f"{run_name}/{BACKLOG_FILE}") or []
     try:
-        replay_backlog(tracker, [*backlog, *actions])
+        backlog = storage.read_json(f"{run_name}/{BACKLOG_FILE}") or []
+    except OSError:  # the storage itself is gone (a failed run may be why): MLflow gets what it can now
+        backlog = None
+    try:
+        replay_backlog(tracker, [*(backlog or []), *actions])
     except Exception:  # an outage: everything waits in storage, in order
+        if backlog is None:
+            print(f"[orchestrator] neither MLflow nor the storage answers: {len(actions)} tracking record(s) of "
+                  f"{run_name} are lost", flush=True)
+            return False
         storage.write_text(f"{run_name}/{BACKLOG_FILE}", json.dumps([*backlog, *actions]))
         return False
     if backlog:
@@ -258,10 +267,11 @@ def train_to_end(plan: RunPlan, storage: RunStorage, tracker: Tracker, run_id: s
     from .trainer import build_trainer
 
     started = time.time()
+    init = dataclasses.asdict(find_weights(plan.cfg.model.init_from, storage)) if plan.cfg.model.init_from else None
     board = RunBoard.remote()
     trainer = build_trainer(plan, storage, tracker.uri, run_id, evaluations,
                             [*callbacks, CheckpointNotifier(board)], resume_from=resume_from,
-                            board=board if progress else None)
+                            board=board if progress else None, init_from=init)
     printer = ProgressPrinter(board, plan.display_name)
     try:
         with printer:
@@ -318,6 +328,8 @@ def run_experiment(plan: RunPlan, storage: RunStorage, tracking_uri: str, set_as
         catch_up_tracking(storage, plan.run_name, tracker)
         done = read_result(storage, plan.run_name)  # again, now that no other driver can change it
         resume_from = checkpoint_to_resume(plan, storage, set_aside_corrupt) if done is None else None
+        if plan.cfg.model.init_from:  # a wrong name or shape fails here, before Ray starts
+            check_weights(find_weights(plan.cfg.model.init_from, storage), plan.model)
         init_ray(plan.cfg)
         if done is not None:
             print(f"[orchestrator] {plan.run_name} already finished; evaluating the new eval settings on its final "
@@ -379,3 +391,45 @@ def evaluate_many(cfg: DictConfig, storage: RunStorage, tracker: Tracker, runs: 
             print(tracking_behind_message(storage, plan.run_name, tracker), flush=True)
         out.append(metrics)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A finished run, named the ways a user would name it
+
+
+def find_finished_run(source: str, overrides: list[str]) -> tuple[DictConfig, RunStorage, str, dict]:
+    """(its stored config with the overrides, the storage holding it, its run name, its result marker).
+
+    source: a run's directory (a path, or s3://bucket/prefix/<run>), a run name in the storage the overrides
+    name (storage.uri=..., default ./runs), or an MLflow run id (its tracking URI from tracking.uri=... or
+    MLFLOW_TRACKING_URI)."""
+    settings = with_dotlist({}, [o for o in overrides if o.split("=")[0].split(".")[0] in ("storage", "tracking")],
+                            "command line")
+    endpoint = settings.storage.endpoint_url
+    if re.fullmatch(r"[0-9a-f]{32}", source):
+        tracker = Tracker(resolve_tracking_uri(settings))
+        try:
+            tags = tracker.client.get_run(source).data.tags
+        except Exception as e:
+            raise ExperimentError(f"MLflow run {source} is not in {redact_uri(tracker.uri)} ({type(e).__name__})") \
+                from None
+        if STORAGE_TAG not in tags:
+            raise ExperimentError(f"MLflow run {source} is not a training run of this project (no {STORAGE_TAG} tag)")
+        where = json.loads(tags[STORAGE_TAG])
+        if "***" in where["uri"]:
+            raise ExperimentError(f"MLflow run {source} is stored at {where['uri']}, whose credentials were "
+                                  "redacted: name its directory or storage instead")
+        storage, run_name = RunStorage(where["uri"], endpoint or where["endpoint_url"]), where["run_name"]
+    elif "/" in source.rstrip("/") or source.startswith("s3://") or Path(source).is_dir():
+        parent, run_name = posixpath.split(source.rstrip("/"))
+        storage = RunStorage(parent or ".", endpoint)
+    else:
+        storage, run_name = storage_from_config(settings), source
+    done = read_result(storage, run_name)
+    if done is None:
+        raise ExperimentError(f"{redact_uri(storage.describe())}/{run_name} is not a finished run (no {RESULT_FILE}); "
+                              "give a finished run's directory, its name in storage.uri=..., or its MLflow run id")
+    stored = storage.read_text(f"{run_name}/{CONFIG_FILE}")
+    cfg = OmegaConf.to_container(OmegaConf.create(stored), resolve=True)
+    cfg["storage"] = {**cfg["storage"], "uri": storage.uri, "endpoint_url": storage.endpoint_url}
+    return with_dotlist(cfg, overrides, f"{run_name}/{CONFIG_FILE}"), storage, run_name, done

@@ -62,7 +62,7 @@ def train_config(cfg: DictConfig, total_steps: int = 1, warmup_steps: int = 0, o
 def schedule(cfg: DictConfig, train_size: int) -> tuple[int, int, int]:
     """(steps per epoch, total steps, warm-up steps) for a training set of train_size images."""
     per_epoch = max(1, train_size // cfg.train.batch_size)
-    total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+    total = cfg.train.steps if cfg.train.steps is not None else max(1, math.ceil(cfg.train.epochs * per_epoch))
     warmup = min(total, round(cfg.train.warmup_epochs * per_epoch))
     return per_epoch, total, warmup
 

@@ -28,10 +28,11 @@ SUPERSEDED_TAG = "tarflow.superseded_by"  # a stale run of the same config, repl
 BEST_RUN_TAG = "tarflow.best_run"
 BEST_OVERRIDES_TAG = "tarflow.best_overrides"
 FAILURE_TAG = "tarflow.failure"      # why a run ended FAILED, in one paragraph
+STORAGE_TAG = "tarflow.storage"     # where a run's directory is: {"uri", "endpoint_url", "run_name"}, JSON
 SCALE_TAG = "scale"
 CONFIG_HASH_TAG = "config_hash"
 
-RUN, SWEEP, EVALUATION, TABLE = "run", "sweep", "evaluation", "table"
+RUN, SWEEP, EVALUATION, TABLE, SAMPLE = "run", "sweep", "evaluation", "table", "sample"
 
 # characters MLflow refuses in a param name; a joint sweep axis ("model.num_blocks,model.layers_per_block") has one
 MLFLOW_UNSAFE_KEY = re.compile(r"[^\w\-. :/]+")

@@ -12,7 +12,7 @@ import sys
 
 from .config import redact_uri, redacted_yaml
 from .cost import describe_cost, estimate_cost
-from .errors import cli_entry
+from .errors import ExperimentError, cli_entry
 from .lifecycle import load_experiment, run_experiment
 from .plan import RunPlan
 from .storage import RunStorage
@@ -35,11 +35,12 @@ def describe_plan(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
         f"data        {plan.data.name} at {redact_uri(plan.data.root) or '(package)'}"
         + ("" if plan.data_present else "  (ABSENT here: sizes taken from the config)"),
         f"training    global batch {t.batch_size} ({plan.per_worker_batch}/worker), "
-        + (f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs")
+        + ("none: evaluate only" if t.steps == 0 else f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs")
         + f", noise {t.noise}" + (f" σ={t.noise_std:g}" if t.noise == "gaussian" else ""),
         f"workers     {c.num_workers} × ({c.cpus_per_worker:g} CPU"
         + (f", {c.gpus_per_worker:g} GPU" if c.use_gpu else "")
         + f") on Ray at {redact_uri(ray_address(plan.cfg))}; max_failures {c.max_failures}",
+        *([f"weights     from {redact_uri(plan.cfg.model.init_from)}"] if plan.cfg.model.init_from else []),
         f"storage     {redact_uri(storage.describe())}/{plan.run_name}",
         f"tracking    {redact_uri(tracking_uri)}  experiment '{plan.experiment_name}'",
     ]
@@ -73,7 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_experiment(plan, storage, tracking_uri, set_aside_corrupt=args.set_aside_corrupt_checkpoint)
     if plan.cfg.reference is not None:
-        publish_table(plan, storage, tracking_uri)
+        try:
+            publish_table(plan, storage, tracking_uri)
+        except Exception:
+            try:
+                check_tracking(tracking_uri)
+            except ExperimentError:  # the table is built from MLflow: later, when it answers
+                print("[orchestrator] the table is not rebuilt while MLflow does not answer; "
+                      f"`python -m orchestrator.report {args.experiment}` builds it then", flush=True)
+                return 0
+            raise
     return 0
 
 

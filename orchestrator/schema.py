@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional
 class ExperimentSection:
     name: str = "tarflow"           # the MLflow experiment (one per YAML)
     title: str = ""                 # what the paper calls it, e.g. "Table 2: unconditional ImageNet 64 BPD"
-    scale: str = "paper"            # set by the scale group (paper, smoke)
+    scale: str = "paper"            # set by the scale group (paper, smoke, test)
+    label: str = "TarFlow (ours)"   # this experiment's rows in the paper's table
 
 
 @dataclass
@@ -84,6 +85,12 @@ class FIDSection:
 
 
 @dataclass
+class JacobiSection:
+    tol: float = 1e-3               # stop a block's iterations when no token moves more (pixels in [-1, 1])
+    max_iters: Optional[int] = None # per segment; null: the number of tokens (where Jacobi is exact)
+
+
+@dataclass
 class EvalSection:
     bpd: bool = True                # held-out bits/dim at the end of training
     num_samples: int = 64           # images in the sample grid
@@ -93,6 +100,10 @@ class EvalSection:
     denoise: bool = False           # one Tweedie step with σ = train.noise_std
     denoise_step: float = 1.0
     sample_batch_size: int = 64
+    # how samples invert the flow: "sequential" (KV-cached, token by token) or "jacobi" (all tokens of a block
+    # in parallel until they settle; benchmarks/README.md: slower on CPU, meant for GPUs)
+    sampler: str = "sequential"
+    jacobi: JacobiSection = field(default_factory=JacobiSection)
     fid: FIDSection = field(default_factory=FIDSection)
 
 

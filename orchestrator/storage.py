@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,17 @@ class RunStorage:
         pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         return local
 
+    def upload(self, local: Path, relpath: str) -> None:
+        """Copy a local file into the storage (streamed)."""
+        fs, path = self._path(relpath)
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    def delete_dir(self, relpath: str) -> None:
+        fs, path = self._path(relpath)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+
     def move_dir(self, relpath: str, to_relpath: str) -> None:
         """Move a directory within the storage (S3: copy every object, then delete the originals)."""
         fs, src = self._path(relpath)
@@ -252,6 +264,14 @@ class RunStorage:
         if digest.hexdigest() != want_digest:
             raise CheckpointCorrupt(f"{self.describe()}/{relpath} does not match its checksum")
         return True
+
+    def exists(self, relpath: str) -> bool:
+        fs, path = self._path(relpath)
+        return fs.get_file_info(path).type == pafs.FileType.File
+
+    def checkpoints(self, run_name: str) -> list[str]:
+        """A run's checkpoint directories (checkpoint_<step>), oldest first."""
+        return sorted(n for n in self.list(run_name) if re.fullmatch(r"checkpoint_\d+", n))
 
     def list(self, relpath: str) -> list[str]:
         fs, path = self._path(relpath)

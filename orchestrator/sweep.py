@@ -48,7 +48,8 @@ from .records import (
 from .storage import RunStorage
 from .tracking import Tracker
 
-SAMPLE_KEYS = {"eval.guidance", "eval.annealed_guidance", "eval.attn_temp", "eval.denoise", "eval.denoise_step"}
+SAMPLE_KEYS = {"eval.guidance", "eval.annealed_guidance", "eval.attn_temp", "eval.denoise", "eval.denoise_step",
+               "eval.sampler", "eval.jacobi.tol", "eval.jacobi.max_iters"}
 KINDS = ("grid", "choice", "uniform", "loguniform")
 
 

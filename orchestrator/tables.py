@@ -56,7 +56,9 @@ def build_table(reference: dict, runs: pd.DataFrame) -> pd.DataFrame:
     if len(runs) and column in runs:
         for _, run in runs.dropna(subset=[column]).iterrows():
             ours = float(run[column])
-            rows.append({"model": "TarFlow (ours)", "config": _config_of(run), "metric": metric, "paper": None,
+            label = run.get("experiment.label")
+            rows.append({"model": label if isinstance(label, str) and label else "TarFlow (ours)",
+                         "config": _config_of(run), "metric": metric, "paper": None,
                          "ours": ours, "delta": None if paper_tarflow is None else ours - paper_tarflow,
                          "scale": run.get("scale", ""), "source": run["run_name"], "confidence": "",
                          "mlflow_run": run["run_id"]})

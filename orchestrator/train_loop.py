@@ -30,6 +30,7 @@ from .evaluation import CHECKPOINT_FILE, FINAL_FILE, FIDContext, evaluate_model,
 from .plan import RunPlan, plan_run, schedule, train_config
 from .storage import RunStorage
 from .tracking import BACKLOG_FILE, RunLogger
+from .weights import WeightsSource, load_weights
 
 
 @dataclass
@@ -88,10 +89,22 @@ def start_worker(config: dict) -> Worker:
 
 
 def build_state(w: Worker, total_steps: int, warmup_steps: int) -> tarflow.TrainState:
-    tcfg = train_config(w.cfg, total_steps=total_steps, warmup_steps=warmup_steps, on_gpu=w.device.type == "cuda")
+    # an evaluate-only run (train.steps=0) still builds its optimizer: TrainConfig wants a schedule
+    tcfg = train_config(w.cfg, total_steps=max(1, total_steps), warmup_steps=min(warmup_steps, max(1, total_steps)),
+                        on_gpu=w.device.type == "cuda")
     model = tarflow.TarFlow(w.plan.model).to(w.device)
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if w.world > 1 else None
     return tarflow.make_train_state(model, tcfg, wrap=wrap)
+
+
+def start_from(state: tarflow.TrainState, init: dict | None) -> None:
+    """A new run's first weights: model.init_from's (see weights.py), else the random initialisation."""
+    if init is None:
+        return
+    model, ema = load_weights(WeightsSource(**init), state.model.config)
+    state.model.load_state_dict(model)
+    if state.ema is not None:
+        state.ema.load_state_dict(ema if ema is not None else model)
 
 
 def restore_latest(w: Worker, state: tarflow.TrainState, resume_from: str | None) -> tuple[bool, list]:
@@ -147,6 +160,8 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
     cfg = w.cfg
     every_log, every_ckpt = cfg.train.log_every, cfg.train.checkpoint_every
     started, start_step = time.perf_counter(), state.step
+    if total_steps == 0 and state.step == 0:  # evaluate only: the given weights become the run's checkpoint
+        report(w, {"step": 0, "loss": float("nan")}, state, epoch=0)
     window = {"t": time.perf_counter(), "steps": 0, "loss": 0.0, "grad_norm": 0.0}
     while state.step < total_steps:
         epoch, offset = divmod(state.step, steps_per_epoch)
@@ -194,12 +209,15 @@ def finish_tracking(w: Worker, final: dict, evaluations: dict, step: int, timeou
 
 def train_loop_per_worker(config: dict) -> None:
     """config: {"cfg", "source", "tracking_uri", "mlflow_run_id", "storage", "resolved_config", "resume_from",
-    "board", "evaluations": sample-time settings evaluated on the final model in runs of their own}."""
+    "init_from" (a WeightsSource as a dict), "board", "evaluations": sample-time settings evaluated on the
+    final model in runs of their own}."""
     w = start_worker(config)
     train_set = load_dataset(w.plan.data, "train")
     steps_per_epoch, total_steps, warmup_steps = schedule(w.cfg, len(train_set))
     state = build_state(w, total_steps, warmup_steps)
     resumed, backlog = restore_latest(w, state, config.get("resume_from"))
+    if not resumed:
+        start_from(state, config.get("init_from"))
     state.extra["mlflow_run_id"] = config["mlflow_run_id"]
     start_logging(w, config, state, resumed, backlog)
 

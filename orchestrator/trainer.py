@@ -13,7 +13,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from .config import redacted
 from .errors import ExperimentError
-from .evaluation import evaluate_checkpoints_per_worker
+from .evaluation import evaluate_checkpoints_per_worker, sample_per_worker
 from .plan import RunPlan
 from .storage import RunStorage
 from .train_loop import train_loop_per_worker
@@ -66,7 +66,7 @@ def scaling_config(cfg) -> ray.train.ScalingConfig:
 
 def build_trainer(plan: RunPlan, storage: RunStorage, tracking_uri: str, mlflow_run_id: str,
                   evaluations: list | tuple = (), callbacks: list | tuple = (), resume_from: str | None = None,
-                  board=None) -> TorchTrainer:
+                  board=None, init_from: dict | None = None) -> TorchTrainer:
     """evaluations: sample-time settings evaluated on the final model ({"eval": ..., "run_id": ...});
     resume_from: the checkpoint the driver verified (used when Ray Train has no record of one); board: the
     driver's progress actor."""
@@ -77,6 +77,7 @@ def build_trainer(plan: RunPlan, storage: RunStorage, tracking_uri: str, mlflow_
                            "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
                            "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url},
                            "resolved_config": redacted(cfg), "resume_from": resume_from, "board": board,
+                           "init_from": init_from,
                            "evaluations": list(evaluations)},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
@@ -90,6 +91,17 @@ def build_evaluator(cfg, storage: RunStorage, tracking_uri: str, jobs: list[dict
         evaluate_checkpoints_per_worker,
         train_loop_config={"jobs": jobs, "tracking_uri": tracking_uri,
                            "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url}},
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        scaling_config=scaling_config(cfg),
+        run_config=run_config(cfg, storage, name, 0, ()),
+    )
+
+
+def build_sampler(cfg, storage: RunStorage, job: dict, name: str) -> TorchTrainer:
+    """Draw many samples of one model on cfg's workers (evaluation.sample_per_worker); nothing is trained."""
+    return TorchTrainer(
+        sample_per_worker,
+        train_loop_config={**job, "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url}},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=run_config(cfg, storage, name, 0, ()),
