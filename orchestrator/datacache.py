@@ -28,6 +28,8 @@ import os
 import posixpath
 import re
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,7 +76,11 @@ def on_this_node(data: DataConfig, endpoint_url: str | None, cache_dir: str | No
     """The data config a worker reads: prepared data in S3 replaced by this node's verified local copy."""
     if data.name != "prepared" or not str(data.root).startswith("s3://"):
         return data
-    return dataclasses.replace(data, root=local_data_root(data.root, endpoint_url, cache_dir))
+    sync = sync_prepared(data.root, endpoint_url, cache_dir)
+    # one line per worker: on each node one of them fetches, the others find the cache warm
+    sys.stderr.write(f"[data] {socket.gethostname()} pid {os.getpid()}: {len(sync.fetched)} file(s) "
+                     f"({sync.bytes_fetched / 1e6:.1f} MB) fetched into {sync.path} in {sync.seconds:.1f} s\n")
+    return dataclasses.replace(data, root=sync.path)
 
 
 def sync_prepared(root: str, endpoint_url: str | None = None, cache_dir: str | None = None) -> CacheSync:

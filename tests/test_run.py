@@ -111,12 +111,23 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_on_a_multinode_cluster_with_s3_and_mlflow(tmp_path, ray_cluster, s3_server, mlflow_server):
+    """Data prepared once into the bucket (Ray Data on the cluster), trained on by 2 nodes that each fetch it
+    into their node cache once; checkpoints in the bucket; tracked in an mlflow server; the paper's table."""
+    from prepared_data import prepare_fashion
+
     bucket = s3_server.make_bucket("ckpt")
-    args = [TABLE2, *TEST, "train.log_every=5",
-            f"cluster.address={ray_cluster}", f"storage.uri=s3://{bucket}/runs",
-            f"storage.endpoint_url={s3_server.endpoint_url}", f"tracking.uri={mlflow_server}"]
+    data = f"s3://{bucket}/prepared/fashion"
+    prepare_fashion(data, s3_server.endpoint_url, ray_cluster, 512, 16, "--fit", "resize")
+    args = [TABLE2, *TEST, "train.log_every=5", "data.name=prepared", f"data.root={data}", "data.fit=pad",
+            f"data.cache_dir={tmp_path / 'node-cache'}", f"cluster.address={ray_cluster}",
+            f"storage.uri=s3://{bucket}/runs", f"storage.endpoint_url={s3_server.endpoint_url}",
+            f"tracking.uri={mlflow_server}"]
     r = cli(args, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fetches = [line for line in (r.stdout + r.stderr).splitlines() if "[data] " in line and " fetched into " in line]
+    counts = sorted(int(line.split(": ")[1].split()[0]) for line in fetches)
+    assert len(counts) >= 2 and counts[0] == 0 and counts[-1] > 0, fetches  # one fetch; the cache was warm after
+    assert sum(counts) == counts[-1]
 
     client, runs = runs_of(mlflow_server)
     assert len(runs) == 1
@@ -128,6 +139,7 @@ def test_end_to_end_on_a_multinode_cluster_with_s3_and_mlflow(tmp_path, ray_clus
     assert all(" img/s  elapsed " in line and " eta " in line for line in progress)
     assert 0 < run.data.metrics["bpd"] < 10 and run.data.metrics["images_per_sec"] > 0
     assert run.data.params["model.arch"] == "4-64-2-2" and run.data.params["train.noise"] == "uniform"
+    assert run.data.params["data.name"] == "prepared"
     assert run.data.tags["ray.num_nodes"] == "2"  # the two ranks ran on different Ray nodes
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/samples.png"}

@@ -63,6 +63,13 @@ def test_a_sweep_without_sample_axes_has_no_sample_time_settings():
     assert sweep_of(plan, require_data=False).sample_settings == [{"eval.guidance": 0.0}, {"eval.guidance": 2.0}]
 
 
+def test_the_sampler_and_its_tolerance_are_sample_time_axes(tmp_path):
+    r = run_main(main, [SWEEP, *TEST, "sweep.sample_axes={eval.sampler: [sequential, jacobi], eval.jacobi.tol: [0.01, "
+                        "0.001]}", "--dry-run"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "4 sample-time setting(s) per trial: sampler=sequential,tol=0.01; sampler=sequential,tol=0.001" in r.stdout
+
+
 @pytest.mark.parametrize("scale", ["paper", "smoke"])
 def test_every_experiment_logs_its_params_to_mlflow(tmp_path, scale):
     """Each experiment's config (a sweep's, with its axes, included) is accepted as MLflow params by a real
