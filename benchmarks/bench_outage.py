@@ -56,14 +56,19 @@ def one_run(checkout: Path, work: Path, steps: int, outage_s: float, at_step: in
             if killed_at and back_at is None and time.time() - killed_at >= outage_s:
                 server = start_mlflow_server(work / "mlflow", port=port)
                 back_at = time.time()
-        if killed_at and back_at is None:
-            server = start_mlflow_server(work / "mlflow", port=port)
         wall = time.time() - started
+        if killed_at and back_at is None:  # still down when the run ended
+            server = start_mlflow_server(work / "mlflow", port=port)
         steps_seen = loss_steps(server.url, name)
+        # what a later command catches up (the backlog the run left in storage, if any)
+        report = [sys.executable, "-m", "orchestrator.report", *cmd[3:]]
+        subprocess.run(report, cwd=work, env=env, capture_output=True, timeout=600)
+        steps_after = loss_steps(server.url, name)
     finally:
         server.stop()
     return {"exit": proc.returncode, "wall_s": wall, "logged_steps": len(steps_seen),
-            "distinct_steps": len(set(steps_seen)), "log": str(work / f"{name}.log")}
+            "distinct_steps": len(set(steps_seen)), "after_report": len(set(steps_after)),
+            "duplicated_after": len(steps_after) - len(set(steps_after)), "log": str(work / f"{name}.log")}
 
 
 def main() -> None:
@@ -79,9 +84,11 @@ def main() -> None:
             work = Path(tmp) / f"o{int(outage)}"
             work.mkdir()
             r = one_run(args.checkout.resolve(), work, args.steps, outage, args.at_step)
+            dup = r["logged_steps"] - r["distinct_steps"]
             print(f"outage {outage:>4.0f} s at step {args.at_step}: exit {r['exit']}, wall {r['wall_s']:.0f} s, loss "
-                  f"steps in MLflow {r['distinct_steps']}/{expected} ({r['logged_steps'] - r['distinct_steps']} "
-                  "duplicated)", flush=True)
+                  f"steps in MLflow {r['distinct_steps']}/{expected} at exit ({dup} duplicated), "
+                  f"{r['after_report']}/{expected} after orchestrator.report "
+                  f"({r['duplicated_after']} duplicated)", flush=True)
 
 
 if __name__ == "__main__":
