@@ -79,6 +79,11 @@ def test_a_bad_value_stops_the_dry_run_and_the_run_alike(tmp_path):
     ("train.min_lr=0.1", "train.min_lr=0.1 is above train.lr=0.001"),
     ("train.betas=[0.9,1.5]", "train.betas=[0.9, 1.5]"),
     ("cluster.num_workers=3", "not divisible by cluster.num_workers=3"),
+    ("train.grad_accum_steps=3", "the per-worker batch (16 = train.batch_size=32 / cluster.num_workers=2) is not "
+                                 "divisible by train.grad_accum_steps=3"),
+    ("train.grad_accum_steps=0", "train.grad_accum_steps=0 is out of range: it must be an integer >= 1"),
+    ("cluster.gpu_memory_gb=81920", "cluster.gpu_memory_gb=81920.0 is out of range: it must be null or a number in "
+                                    "[1, 1024]"),  # MiB where GiB are meant
 ])
 def test_the_values_operators_tripped_on_are_refused(override, fragment):
     with pytest.raises(ExperimentError) as e:
@@ -124,6 +129,8 @@ def test_what_changes_the_trained_model_changes_the_run(override):
     "tracking.uri=http://h:5000", "cluster.num_workers=1", "cluster.max_failures=0", "train.log_every=5",
     "train.checkpoint_every=5", "data.num_workers=2", "storage.keep_checkpoints=5",
     "train.label_drop=0.1",  # explicitly the default: the same model
+    "train.grad_accum_steps=2", "train.activation_checkpointing=true",  # memory knobs: the same model
+    "cluster.gpu_memory_gb=39.4", "cluster.check_memory=false",
 ])
 def test_where_and_how_it_runs_or_is_evaluated_keeps_the_run(override):
     assert config_hash(cfg(override)) == config_hash(cfg())
@@ -162,3 +169,4 @@ def test_cost_of_a_gpu_run_from_flops_or_a_measured_throughput():
     assert measured.gpu_hours == pytest.approx(3 * 8 * images / (8 * 500) / 3600)
     unknown = plan_run(compose_experiment(TABLE2, ["data.train_images=null"]), require_data=False)
     assert estimate_cost(unknown) is None
+
