@@ -157,16 +157,16 @@ def test_credentials_in_uris_are_redacted_wherever_the_config_goes(tmp_path):
 
 
 def test_cost_of_a_gpu_run_from_flops_or_a_measured_throughput():
-    c = compose_experiment(TABLE2, [])  # paper scale: 100 epochs of 1,281,167 images on 8 GPUs
+    c = compose_experiment(TABLE2, [])  # paper scale: 100 epochs of 1,281,167 images on 16 GPUs
     plan = plan_run(c, require_data=False)
     cost = estimate_cost(plan)
     images = 100 * (1_281_167 // 256) * 256
-    assert cost.images_per_run == images and cost.gpus_per_run == 8
+    assert cost.images_per_run == images and cost.gpus_per_run == 16
     per_gpu = 312e12 * 0.3 / plan.model.flops_per_image(training=True)
-    assert cost.hours_per_run == pytest.approx(images / (8 * per_gpu) / 3600)
+    assert cost.hours_per_run == pytest.approx(images / (16 * per_gpu) / 3600)
     measured = estimate_cost(plan_run(compose_experiment(TABLE2, ["cluster.images_per_sec_per_gpu=500"]),
                                       require_data=False), runs=3)
-    assert measured.gpu_hours == pytest.approx(3 * 8 * images / (8 * 500) / 3600)
+    assert measured.gpu_hours == pytest.approx(3 * 16 * images / (16 * 500) / 3600)
     unknown = plan_run(compose_experiment(TABLE2, ["data.train_images=null"]), require_data=False)
     assert estimate_cost(unknown) is None
 
