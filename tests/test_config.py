@@ -170,3 +170,20 @@ def test_cost_of_a_gpu_run_from_flops_or_a_measured_throughput():
     unknown = plan_run(compose_experiment(TABLE2, ["data.train_images=null"]), require_data=False)
     assert estimate_cost(unknown) is None
 
+
+def test_activation_checkpointing_costs_its_recompute():
+    from tarflow.memory import recompute_flops_per_image
+
+    plain = plan_run(compose_experiment(TABLE2, []), require_data=False)
+    ckpt = plan_run(compose_experiment(TABLE2, ["train.activation_checkpointing=true"]), require_data=False)
+    flops = plain.model.flops_per_image(training=True)
+    extra = recompute_flops_per_image(plain.model)
+    assert 0.3 < extra / flops < 0.34  # one more forward of the layers: about a third of forward + backward
+    hours = estimate_cost(plain).hours_per_run
+    assert estimate_cost(ckpt).hours_per_run == pytest.approx(hours * (flops + extra) / flops)
+    assert "recomputed: activation checkpointing" in estimate_cost(ckpt).throughput_source
+    # a measured throughput is taken as measured (with the knobs the run uses)
+    measured = ["cluster.images_per_sec_per_gpu=500"]
+    assert estimate_cost(plan_run(compose_experiment(TABLE2, [*measured, "train.activation_checkpointing=true"]),
+                                  require_data=False)).hours_per_run == pytest.approx(
+        estimate_cost(plan_run(compose_experiment(TABLE2, measured), require_data=False)).hours_per_run)
