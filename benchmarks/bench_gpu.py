@@ -13,10 +13,11 @@ Sections (run in this order; --sections picks some):
   sample     guided sampling images/s: model.reverse(z, y, guidance=2.0, annealed_guidance=True), bf16
   compile    the train section's bf16 runs again under torch.compile
 
-The per-GPU batches default to what the paper YAMLs imply: table2 256 over 8 GPUs = 32, ImageNet 128
-768 over 32 GPUs = 24. Every run is independent: an out-of-memory error (or any other) is reported and
-the script goes on; once --budget-s seconds have passed the remaining runs are skipped. Prints figures,
-a summary table at the end; asserts nothing.
+The per-GPU batches default to the paper's global batches over 8 and 32 GPUs: table2 256 / 8 = 32,
+ImageNet 128 768 / 32 = 24 (the YAMLs train table2 on 16 GPUs, 16 each: --table2-batch 16). Every run is
+independent: an out-of-memory error (or any other) is reported and the script goes on; once --budget-s
+seconds have passed the remaining runs are skipped. Prints figures, a summary table at the end; asserts
+nothing.
 """
 
 from __future__ import annotations

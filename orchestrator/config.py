@@ -248,6 +248,7 @@ VALUE_RULES = {
     "train.precision": OneOf(("auto", "fp32", "bf16")),
     "train.grad_clip": Range(lo=0, lo_open=True, optional=True),
     "train.ema_decay": Range(lo=0, hi=1, lo_open=True, hi_open=True, optional=True),
+    "train.grad_accum_steps": POSITIVE_INT,
     "train.seed": NONNEG_INT,
     "train.log_every": POSITIVE_INT,
     "train.checkpoint_every": POSITIVE_INT,
@@ -282,6 +283,7 @@ VALUE_RULES = {
     "cluster.images_per_sec_per_gpu": Range(lo=0, lo_open=True, optional=True),
     "cluster.gpu_peak_tflops": POSITIVE,
     "cluster.assumed_mfu": Range(lo=0, hi=1, lo_open=True),
+    "cluster.gpu_memory_gb": Range(lo=1, hi=1024, optional=True),  # GiB: catches a figure given in MiB
     "sweep.search": OneOf(("grid", "random")),
     "sweep.num_samples": POSITIVE_INT,
     "sweep.max_concurrent": Range(lo=1, integer=True, optional=True),
@@ -314,6 +316,12 @@ def check_values(cfg: DictConfig, source: str) -> None:
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ExperimentError(f"{source}: train.batch_size={cfg.train.batch_size} is not divisible by "
                               f"cluster.num_workers={cfg.cluster.num_workers}")
+    per_worker = cfg.train.batch_size // cfg.cluster.num_workers
+    if per_worker % cfg.train.grad_accum_steps:
+        raise ExperimentError(f"{source}: the per-worker batch ({per_worker} = train.batch_size={cfg.train.batch_size} "
+                              f"/ cluster.num_workers={cfg.cluster.num_workers}) is not divisible by "
+                              f"train.grad_accum_steps={cfg.train.grad_accum_steps}: each optimizer step splits it "
+                              "into that many equal micro-batches")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """What an experiment costs before it is launched: runs, GPUs and GPU-hours, from the configured epochs
-and a throughput figure (measured, or the model's FLOPs at an assumed utilisation)."""
+and a throughput figure (measured, or the model's FLOPs, plus the recompute of activation checkpointing,
+at an assumed utilisation)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from tarflow.memory import recompute_flops_per_image
 
 from .plan import RunPlan
 
@@ -34,12 +37,17 @@ def estimate_cost(plan: RunPlan, runs: int = 1, train_size: int | None = None) -
         return None
     c = cfg.cluster
     gpus = c.num_workers if c.use_gpu else 0
-    if c.images_per_sec_per_gpu:
+    if c.images_per_sec_per_gpu:  # measured as configured (with checkpointing on, if it is)
         per_gpu, source = c.images_per_sec_per_gpu, "cluster.images_per_sec_per_gpu"
     else:
         flops = plan.model.flops_per_image(training=True)
+        recompute = ""
+        if cfg.train.activation_checkpointing:  # one more forward of every layer, done by the GPU all the same
+            extra = recompute_flops_per_image(plan.model)
+            flops += extra
+            recompute = f" (+{extra / 1e9:.1f} recomputed: activation checkpointing)"
         per_gpu = c.gpu_peak_tflops * 1e12 * c.assumed_mfu / flops
-        source = f"{flops / 1e9:.1f} GFLOP/image at {c.assumed_mfu:.0%} of {c.gpu_peak_tflops:g} TFLOP/s"
+        source = f"{flops / 1e9:.1f} GFLOP/image{recompute} at {c.assumed_mfu:.0%} of {c.gpu_peak_tflops:g} TFLOP/s"
     rate = per_gpu * max(gpus, 1)
     return Cost(runs=runs, gpus_per_run=gpus, images_per_run=images, images_per_sec=rate,
                 throughput_source=source, hours_per_run=images / rate / 3600)

@@ -56,7 +56,8 @@ def train_config(cfg: DictConfig, total_steps: int = 1, warmup_steps: int = 0, o
     return TrainConfig(lr=t.lr, min_lr=t.min_lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                        warmup_steps=warmup_steps, total_steps=total_steps, noise=t.noise, noise_std=t.noise_std,
                        label_drop=t.label_drop, bf16=bf16, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
-                       compile=t.compile)
+                       compile=t.compile, activation_checkpointing=t.activation_checkpointing,
+                       grad_accum_steps=t.grad_accum_steps)
 
 
 def schedule(cfg: DictConfig, train_size: int) -> tuple[int, int, int]:
@@ -84,9 +85,13 @@ def identity_of(cfg: DictConfig) -> dict:
     return ident
 
 
-# keys of the identity sections that do not change the trained model
+# keys of the identity sections that do not change the trained model. The memory knobs are among them: gradient
+# accumulation draws the noise of the whole batch first and averages the micro-batches' gradients, and
+# checkpointing recomputes the same activations, so both give the same model for more time or less memory (up
+# to the order of floating-point sums), and a run may resume with them changed to fit other GPUs.
 NOT_IDENTITY = {"data.num_workers", "data.val_limit", "data.train_images", "data.num_classes", "data.cache_dir",
-                "train.log_every", "train.checkpoint_every"}
+                "train.log_every", "train.checkpoint_every", "train.activation_checkpointing",
+                "train.grad_accum_steps"}
 
 
 def config_hash(cfg: DictConfig) -> str:

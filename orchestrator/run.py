@@ -13,6 +13,7 @@ import sys
 from .config import redact_uri, redacted_yaml
 from .cost import describe_cost, estimate_cost
 from .errors import ExperimentError, cli_entry
+from .gpu_memory import check_launch, describe_memory, estimate_memory
 from .lifecycle import load_experiment, run_experiment
 from .plan import RunPlan
 from .storage import RunStorage
@@ -52,23 +53,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.run", description=__doc__.split("\n\n")[1])
     parser.add_argument("experiment", help="experiment YAML, e.g. experiments/table2.yaml")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. scale=smoke train.steps=100")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and the plan (cost, GPU memory per GPU), then exit")
     parser.add_argument("--set-aside-corrupt-checkpoint", action="store_true",
                         help="if the run's latest checkpoint is corrupt, move it to <run>/corrupt/ and resume from "
                              "the one before it")
     args = parser.parse_intermixed_args(argv)
     plan, storage, tracking_uri = load_experiment(args.experiment, args.overrides, require_data=not args.dry_run)
     sweep = sweep_of(plan, require_data=not args.dry_run)
+    memory = estimate_memory(plan, sweep)
     description = describe_plan(plan, storage, tracking_uri) + (f"\n{describe_sweep(sweep)}" if sweep else "")
     description += "\n" + describe_cost(estimate_cost(plan, runs=num_trials(sweep) if sweep else 1))
+    description += "\n" + describe_memory(plan, memory)
     if args.dry_run:
         print(redacted_yaml(plan.cfg))
         print(description)
         return 0
+    notes = check_launch(plan, memory)  # a GPU run that cannot fit stops here, before storage, tracking or Ray
     storage.check()
     check_tracking(tracking_uri)
     quick_failing_http()
     print(description, flush=True)
+    for note in notes:
+        print(f"[orchestrator] {note}", flush=True)
     if sweep:
         run_sweep(sweep, storage, tracking_uri)
     else:

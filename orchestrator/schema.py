@@ -67,6 +67,10 @@ class TrainSection:
     grad_clip: Optional[float] = None
     ema_decay: Optional[float] = None
     compile: bool = False
+    # memory knobs (tarflow.memory; python -m orchestrator.run ... --dry-run says which a GPU needs): neither
+    # changes the trained model, so neither is part of the run identity
+    activation_checkpointing: bool = False  # recompute each transformer layer in backward: +~33% training FLOPs
+    grad_accum_steps: int = 1       # micro-batches per optimizer step; must divide the per-worker batch
     seed: int = 0
     log_every: int = 50             # steps between metric logs
     checkpoint_every: int = 1000    # steps between checkpoints (one is always written at the end)
@@ -149,6 +153,10 @@ class ClusterSection:
     images_per_sec_per_gpu: Optional[float] = None
     gpu_peak_tflops: float = 312.0  # A100 bf16 dense
     assumed_mfu: float = 0.3
+    # memory of one GPU in GiB as torch reports it (total_memory / 2**30; the presets in conf/cluster set it):
+    # a GPU run whose estimated training memory exceeds 90% of it is refused before any cluster work
+    gpu_memory_gb: Optional[float] = None  # null: not checked (the dry run says so)
+    check_memory: bool = True       # false: launch even when the estimate says it does not fit
 
 
 @dataclass

@@ -1,16 +1,18 @@
 """python -m orchestrator.submit EXPERIMENT.yaml [key=value ...] --address http://HEAD:8265 [--follow | --no-wait]
 
 Submits an experiment to a Ray cluster through the Ray Jobs API. The config is composed and checked
-here first, so a bad key fails before the cluster is contacted. The job runs the same stable command
-as a local run (`python -m orchestrator.run EXPERIMENT.yaml ...`) in an upload of this checkout, so
-resubmitting an experiment resumes it (a run is identified by its config hash) and a finished one is
-not retrained. Only non-secret settings travel with the job (MLflow and S3 endpoints, storage URI,
-data path, RAY_TRAIN_*/RAY_TUNE_* flags); credentials come from the cluster's own environment.
+here first, so a bad key, or a GPU run that does not fit cluster.gpu_memory_gb, fails before the cluster
+is contacted. The job runs the same stable command as a local run (`python -m orchestrator.run
+EXPERIMENT.yaml ...`) in an upload of this checkout, so resubmitting an experiment resumes it (a run is
+identified by its config hash) and a finished one is not retrained. Only non-secret settings travel
+with the job (MLflow and S3 endpoints, storage URI, data path, RAY_TRAIN_*/RAY_TUNE_* flags);
+credentials come from the cluster's own environment.
 
 By default it waits for the job and exits 0 if it SUCCEEDED, 1 otherwise; --follow also streams the
-job's logs; --no-wait returns once the job is accepted. Exit 2: a bad config, an unreachable or
-refusing cluster. With token authentication on the head (Ray's default for new clusters) set
-RAY_AUTH_MODE=token and the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+job's logs; --no-wait returns once the job is accepted. Exit 2: a bad config (a GPU run that does not
+fit included), an unreachable or refusing cluster. With token authentication on the head (Ray's
+default for new clusters) set RAY_AUTH_MODE=token and the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+~/.ray/auth_token).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import ExperimentError
+from .gpu_memory import check_launch, estimate_memory
 from .lifecycle import load_experiment
 from .plan import storage_safe
 from .sweep import sweep_of
@@ -194,10 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # the data is on the cluster, not necessarily here
         plan, storage, tracking_uri = load_experiment(args.experiment, args.overrides, require_data=False)
-        sweep_of(plan, require_data=False)  # a sweep's whole search space, as orchestrator.run checks it
+        sweep = sweep_of(plan, require_data=False)  # a sweep's whole search space, as orchestrator.run checks it
+        notes = check_launch(plan, estimate_memory(plan, sweep))  # a GPU run that cannot fit: refused here
         command = entrypoint(Path(args.experiment), args.overrides)
         env_vars = job_env(dict(os.environ), args.env)
         address = normalize_address(args.address)
+        for note in notes:
+            print(f"[submit] {note}", flush=True)
         client = connect(address)
         if not args.force and (other := running_duplicate(client, plan.run_key)):
             raise ClusterError(f"job {other} is already running this run ({plan.run_name}); follow it with "

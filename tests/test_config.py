@@ -79,6 +79,11 @@ def test_a_bad_value_stops_the_dry_run_and_the_run_alike(tmp_path):
     ("train.min_lr=0.1", "train.min_lr=0.1 is above train.lr=0.001"),
     ("train.betas=[0.9,1.5]", "train.betas=[0.9, 1.5]"),
     ("cluster.num_workers=3", "not divisible by cluster.num_workers=3"),
+    ("train.grad_accum_steps=3", "the per-worker batch (16 = train.batch_size=32 / cluster.num_workers=2) is not "
+                                 "divisible by train.grad_accum_steps=3"),
+    ("train.grad_accum_steps=0", "train.grad_accum_steps=0 is out of range: it must be an integer >= 1"),
+    ("cluster.gpu_memory_gb=81920", "cluster.gpu_memory_gb=81920.0 is out of range: it must be null or a number in "
+                                    "[1, 1024]"),  # MiB where GiB are meant
 ])
 def test_the_values_operators_tripped_on_are_refused(override, fragment):
     with pytest.raises(ExperimentError) as e:
@@ -124,6 +129,8 @@ def test_what_changes_the_trained_model_changes_the_run(override):
     "tracking.uri=http://h:5000", "cluster.num_workers=1", "cluster.max_failures=0", "train.log_every=5",
     "train.checkpoint_every=5", "data.num_workers=2", "storage.keep_checkpoints=5",
     "train.label_drop=0.1",  # explicitly the default: the same model
+    "train.grad_accum_steps=2", "train.activation_checkpointing=true",  # memory knobs: the same model
+    "cluster.gpu_memory_gb=39.4", "cluster.check_memory=false",
 ])
 def test_where_and_how_it_runs_or_is_evaluated_keeps_the_run(override):
     assert config_hash(cfg(override)) == config_hash(cfg())
@@ -150,15 +157,33 @@ def test_credentials_in_uris_are_redacted_wherever_the_config_goes(tmp_path):
 
 
 def test_cost_of_a_gpu_run_from_flops_or_a_measured_throughput():
-    c = compose_experiment(TABLE2, [])  # paper scale: 100 epochs of 1,281,167 images on 8 GPUs
+    c = compose_experiment(TABLE2, [])  # paper scale: 100 epochs of 1,281,167 images on 16 GPUs
     plan = plan_run(c, require_data=False)
     cost = estimate_cost(plan)
     images = 100 * (1_281_167 // 256) * 256
-    assert cost.images_per_run == images and cost.gpus_per_run == 8
+    assert cost.images_per_run == images and cost.gpus_per_run == 16
     per_gpu = 312e12 * 0.3 / plan.model.flops_per_image(training=True)
-    assert cost.hours_per_run == pytest.approx(images / (8 * per_gpu) / 3600)
+    assert cost.hours_per_run == pytest.approx(images / (16 * per_gpu) / 3600)
     measured = estimate_cost(plan_run(compose_experiment(TABLE2, ["cluster.images_per_sec_per_gpu=500"]),
                                       require_data=False), runs=3)
-    assert measured.gpu_hours == pytest.approx(3 * 8 * images / (8 * 500) / 3600)
+    assert measured.gpu_hours == pytest.approx(3 * 16 * images / (16 * 500) / 3600)
     unknown = plan_run(compose_experiment(TABLE2, ["data.train_images=null"]), require_data=False)
     assert estimate_cost(unknown) is None
+
+
+def test_activation_checkpointing_costs_its_recompute():
+    from tarflow.memory import recompute_flops_per_image
+
+    plain = plan_run(compose_experiment(TABLE2, []), require_data=False)
+    ckpt = plan_run(compose_experiment(TABLE2, ["train.activation_checkpointing=true"]), require_data=False)
+    flops = plain.model.flops_per_image(training=True)
+    extra = recompute_flops_per_image(plain.model)
+    assert 0.3 < extra / flops < 0.34  # one more forward of the layers: about a third of forward + backward
+    hours = estimate_cost(plain).hours_per_run
+    assert estimate_cost(ckpt).hours_per_run == pytest.approx(hours * (flops + extra) / flops)
+    assert "recomputed: activation checkpointing" in estimate_cost(ckpt).throughput_source
+    # a measured throughput is taken as measured (with the knobs the run uses)
+    measured = ["cluster.images_per_sec_per_gpu=500"]
+    assert estimate_cost(plan_run(compose_experiment(TABLE2, [*measured, "train.activation_checkpointing=true"]),
+                                  require_data=False)).hours_per_run == pytest.approx(
+        estimate_cost(plan_run(compose_experiment(TABLE2, measured), require_data=False)).hours_per_run)

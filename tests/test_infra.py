@@ -98,6 +98,7 @@ def test_ray_launcher_config_is_valid_and_holds_no_secrets():
     config = prepare_config(yaml.safe_load(text))  # Ray's own schema check, as `ray up` does it
     validate_config(config)
     assert config["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 8
+    assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"] == "p4de.24xlarge"
     assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
     assert any("pip install -q -e ~/tarflow-lab" in c for c in config["setup_commands"])
     assert "AWS_SECRET_ACCESS_KEY" not in text and "aws_secret_access_key" not in text
@@ -122,6 +123,9 @@ def test_rayjob_runs_the_stable_command_with_secrets_from_a_secret(monkeypatch):
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in cluster["workerGroupSpecs"]
                for c in g["template"]["spec"]["containers"])
+    gpus = sum(g["minReplicas"] * int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+               for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
+    assert gpus >= plan.cfg.cluster.num_workers * plan.cfg.cluster.gpus_per_worker  # its workers all start
     for pod in pods:
         for container in pod["spec"]["containers"]:
             env = {e["name"]: e for e in container["env"]}
@@ -129,6 +133,21 @@ def test_rayjob_runs_the_stable_command_with_secrets_from_a_secret(monkeypatch):
                 assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"] == "tarflow-s3"
             assert {"configMapRef": {"name": "tarflow-env"}} in container["envFrom"]
     assert not any(submit_mod.SECRET_WORDS.search(k) for k in settings)
+
+
+def test_the_launcher_cluster_holds_every_paper_experiment():
+    """Each paper experiment names the A100 80 GB preset (its memory is checked against it, tests/
+    test_gpu_memory.py) and asks for no more GPUs than the launcher's nodes of that kind give."""
+    import yaml
+
+    from orchestrator.config import compose_experiment
+
+    launcher = yaml.safe_load((ROOT / "infra" / "ray" / "cluster.yaml").read_text())
+    gpu_nodes = launcher["available_node_types"]["gpu_worker"]
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        c = compose_experiment(path, []).cluster
+        assert c.use_gpu and c.gpu_memory_gb == 79.2, path.name  # cluster=a100_80gb: p4de.24xlarge
+        assert c.num_workers * c.gpus_per_worker <= gpu_nodes["max_workers"] * gpu_nodes["resources"]["GPU"], path.name
 
 
 def test_stack_refuses_a_taken_dashboard_port_before_starting_anything(tmp_path):

@@ -101,7 +101,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
     r = run_main(main, [TABLE2, "--dry-run"], tmp_path)  # paper scale: ImageNet is absent here, the plan still prints
     assert r.returncode == 0, r.stderr
     assert "model       2-768-8-8  image 3x64x64, 1024 tokens of 12" in r.stdout
-    assert "workers     8 × (8 CPU, 1 GPU)" in r.stdout and "ABSENT" in r.stdout
+    assert "workers     16 × (8 CPU, 1 GPU)" in r.stdout and "ABSENT" in r.stdout
     assert "noise: uniform" in r.stdout  # the resolved config is printed too
     assert list(tmp_path.iterdir()) == []
 

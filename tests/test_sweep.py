@@ -64,8 +64,8 @@ def test_a_sweep_without_sample_axes_has_no_sample_time_settings():
 
 
 def test_the_sampler_and_its_tolerance_are_sample_time_axes(tmp_path):
-    r = run_main(main, [SWEEP, *TEST, "++sweep.sample_axes={eval.sampler: [sequential, jacobi], eval.jacobi.tol: [0.01, "
-                        "0.001]}", "--dry-run"], tmp_path)
+    axes = "++sweep.sample_axes={eval.sampler: [sequential, jacobi], eval.jacobi.tol: [0.01, 0.001]}"
+    r = run_main(main, [SWEEP, *TEST, axes, "--dry-run"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "8 sample-time setting(s) per trial: guidance=0.0,sampler=sequential,tol=0.01;" in r.stdout  # × guidance
     assert "guidance=2.0,sampler=jacobi,tol=0.001" in r.stdout
