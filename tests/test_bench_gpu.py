@@ -5,6 +5,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 
 
@@ -16,6 +18,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_bench_gpu_runs_on_cpu(capsys):
     bench = load_bench()
     rows = bench.main(["--device", "cpu", "--knobs", "ckpt+accum2", "--precisions", "fp32", "--steps", "1",
@@ -29,6 +32,7 @@ def test_bench_gpu_runs_on_cpu(capsys):
     assert "summary" in out and "knobs accum2+ckpt" in out
 
 
+@pytest.mark.slow
 def test_bench_gpu_reports_a_failing_run_and_goes_on(capsys):
     bench = load_bench()
     # accumulation over 3 micro-batches of a batch of 4: train_step refuses; the sample section still runs

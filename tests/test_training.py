@@ -115,6 +115,7 @@ def test_vp_variant_learns_its_prior_variance():
     assert model.prior_var.mean().item() > 1.5  # moved towards E[z²] ≈ 9
 
 
+@pytest.mark.slow
 def test_real_data_training_lowers_heldout_bpd():
     """A few hundred steps on scikit-learn's digits (real handwritten images) must learn a lot."""
     train = load_dataset(DataConfig(name="digits"), "train")
