@@ -25,7 +25,7 @@ from tarflow.data import DataConfig, ImageDataset, load_dataset, to_uint8
 from .datacache import on_this_node
 from .plan import RunPlan, plan_run
 from .storage import RunStorage
-from .tracking import BACKLOG_FILE, RunLogger
+from .tracking import BACKLOG_FILE, DRAIN_S, RunLogger
 from .weights import WeightsSource, load_weights
 
 CHECKPOINT_FILE = "state.pt"
@@ -305,7 +305,7 @@ def evaluate_checkpoints_per_worker(config: dict) -> None:
             for run_id, values in metrics.items():
                 storage.write_text(f"{run_name}/{EVALUATED_PREFIX}{run_id}.json", json.dumps(values))
         queue = RunLogger(config["tracking_uri"], "").queue
-        pending = queue.close(30.0)
+        pending = queue.close(DRAIN_S)
         for job in config["jobs"]:
             mine = {e["run_id"] for e in job["evaluations"]}
             records = [r for r in pending if r["run_id"] in mine]

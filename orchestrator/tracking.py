@@ -32,6 +32,8 @@ from .errors import ExperimentError
 from .records import RUN_KEY_TAG, SUPERSEDED_TAG
 
 BACKLOG_FILE = "tracking_backlog.json"
+# how long the end of a run waits for MLflow to take what is queued before keeping the rest in storage
+DRAIN_S = float(os.environ.get("TARFLOW_TRACKING_DRAIN_S", 30))
 
 
 def resolve_tracking_uri(cfg) -> str:

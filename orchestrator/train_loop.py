@@ -29,7 +29,7 @@ from .errors import RESUME_FAILED
 from .evaluation import CHECKPOINT_FILE, FINAL_FILE, FIDContext, evaluate_model, evaluate_settings
 from .plan import RunPlan, plan_run, schedule, train_config
 from .storage import RunStorage
-from .tracking import BACKLOG_FILE, RunLogger
+from .tracking import BACKLOG_FILE, DRAIN_S, RunLogger
 from .weights import WeightsSource, load_weights
 
 
@@ -194,7 +194,7 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
                 break
 
 
-def finish_tracking(w: Worker, final: dict, evaluations: dict, step: int, timeout: float = 30.0) -> int:
+def finish_tracking(w: Worker, final: dict, evaluations: dict, step: int, timeout: float = DRAIN_S) -> int:
     """Rank 0: the final metrics into storage (the record of truth), then up to `timeout` s for MLflow to
     take the rest; what it did not take is kept in storage for the driver to replay. Returns that count."""
     if w.rank != 0:

@@ -14,6 +14,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TARFLOW_TRACKING_DRAIN_S", "5")  # a run's end waits this long for a down MLflow
 
 import itertools
 import uuid
@@ -134,6 +135,27 @@ def mlflow_server_s3(tmp_path_factory, s3_server, mlflow_s3_bucket):
         yield svc.url
     finally:
         svc.stop()
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """One local Ray instance for the session's in-process runs (run_main of orchestrator.run / sample):
+    `orchestrator` commands join it instead of starting their own (seconds each). Started after the S3
+    server, so its workers carry the S3 credentials as a real cluster's nodes do."""
+    import ray
+
+    from orchestrator.trainer import pin_local_address
+
+    pin_local_address()
+    ray.init(address="local", num_cpus=4, include_dashboard=True, object_store_memory=200_000_000,
+             log_to_driver=True)
+    # subprocesses started later must not join it by accident (commands run that way start their own)
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
