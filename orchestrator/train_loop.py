@@ -27,6 +27,7 @@ from tarflow.data import load_dataset
 from .datacache import on_this_node
 from .errors import RESUME_FAILED
 from .evaluation import CHECKPOINT_FILE, FINAL_FILE, FIDContext, evaluate_model, evaluate_settings
+from .periodic import PeriodicEvaluation, start_periodic
 from .plan import RunPlan, plan_run, schedule, train_config
 from .storage import RunStorage
 from .tracking import BACKLOG_FILE, RunLogger
@@ -142,8 +143,11 @@ def start_logging(w: Worker, config: dict, state: tarflow.TrainState, resumed: b
         w.logger.log_dict(config["resolved_config"], "config/resolved.json")
 
 
-def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int, total_steps: int) -> None:
-    """Steps until total_steps: metrics every train.log_every, a checkpoint every train.checkpoint_every."""
+def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int, total_steps: int,
+          periodic: PeriodicEvaluation | None = None) -> None:
+    """Steps until total_steps: metrics every train.log_every, a periodic evaluation every eval.every_steps (if
+    on), a checkpoint every train.checkpoint_every (after the evaluation of its step, so a resume from it does
+    not evaluate that step again)."""
     cfg = w.cfg
     every_log, every_ckpt = cfg.train.log_every, cfg.train.checkpoint_every
     started, start_step = time.perf_counter(), state.step
@@ -173,6 +177,10 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
                     w.board.progress.remote({**w.last_logged, "step": state.step, "total": total_steps,
                                              "start_step": start_step, "elapsed": time.perf_counter() - started})
                 window.update(t=time.perf_counter(), steps=0, loss=0.0, grad_norm=0.0)
+            if periodic is not None and periodic.due(state.step):
+                seconds = periodic(state.ema if state.ema is not None else state.model, state.step, w.logger,
+                                   w.board if w.rank == 0 else None)
+                window["t"] += seconds  # images/s stays the training throughput
             if state.step % every_ckpt == 0 or state.step == total_steps:
                 report(w, {"step": state.step, "loss": m["loss"]}, state, epoch=epoch)
             if state.step >= total_steps:
@@ -203,10 +211,11 @@ def train_loop_per_worker(config: dict) -> None:
     state.extra["mlflow_run_id"] = config["mlflow_run_id"]
     start_logging(w, config, state, resumed, backlog)
 
-    train(w, state, train_set, steps_per_epoch, total_steps)
+    fid = FIDContext(w.cfg, w.plan, w.storage, w.rank, w.world, w.device)  # built on first use
+    periodic = start_periodic(w.cfg, w.plan, w.device, w.rank, w.world, fid)
+    train(w, state, train_set, steps_per_epoch, total_steps, periodic)
 
     model = state.ema if state.ema is not None else state.model
-    fid = FIDContext(w.cfg, w.plan, w.storage, w.rank, w.world, w.device)
     settings = config.get("evaluations") or []
     # with sample-time settings the run itself keeps the one thing they share, held-out BPD
     final = evaluate_model(model, w.cfg, w.cfg.eval, w.plan, w.device, w.rank, w.world, w.logger, fid,

@@ -1,0 +1,150 @@
+"""What a researcher watches during a run, checked without Ray where the real code allows: periodic evaluation
+driven through the real training loop (one process), its exactly-once delivery to MLflow, data lineage and
+the tables MLflow renders."""
+
+import io
+
+import pytest
+import torch
+from conftest import EXPERIMENTS
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import orchestrator.train_loop as loop
+import tarflow
+from orchestrator.config import compose_experiment
+from orchestrator.evaluation import FIDContext
+from orchestrator.periodic import IMAGE_KEY, start_periodic
+from orchestrator.plan import plan_run, schedule
+from orchestrator.storage import RunStorage
+from orchestrator.tracking import RunLogger, Tracker, deliver
+from tarflow.data import load_dataset
+
+TABLE2 = str(EXPERIMENTS / "table2.yaml")
+# Gaussian noise and label drop: both draw from the global RNG that evaluation must leave alone; EMA on
+SMALL = ["scale=test", "train.steps=12", "train.log_every=1", "train.checkpoint_every=4", "cluster.num_workers=1",
+         "train.noise=gaussian", "model.conditional=true", "train.ema_decay=0.9", "eval.periodic_val_images=16",
+         "eval.periodic_samples=3", "eval.sample_batch_size=2"]
+
+
+class Recorder:
+    """Stands for rank 0's RunLogger: what the loop logs, by step."""
+
+    def __init__(self):
+        self.metrics, self.images = {}, []
+
+    def log_metrics(self, metrics, step):
+        self.metrics.setdefault(step, {}).update(metrics)
+
+    def log_image(self, png, key, step):
+        self.images.append((key, step, png))
+
+
+class Crash(Exception):
+    pass
+
+
+def train_directly(tmp_path, monkeypatch, overrides, crash_at=None, resume=None):
+    """The real loop (train_loop.train) in this process, world size 1; checkpoint reports kept in memory.
+    crash_at: stop right after the checkpoint of that step. resume: a checkpoint to start from."""
+    cfg = compose_experiment(TABLE2, [*SMALL, *overrides])
+    plan = plan_run(cfg)
+    checkpoints = {}
+
+    def report(w, metrics, state, **extra):
+        checkpoints[state.step] = tarflow.training.checkpoint_dict(state)
+        if state.step == crash_at:
+            raise Crash
+
+    monkeypatch.setattr(loop, "report", report)
+    torch.manual_seed(cfg.train.seed * 1000)  # as start_worker seeds rank 0
+    w = loop.Worker(cfg, plan, 0, 1, torch.device("cpu"), RunStorage(str(tmp_path / "store")), logger=Recorder())
+    train_set = load_dataset(plan.data, "train")
+    steps_per_epoch, total, warmup = schedule(cfg, len(train_set))
+    state = loop.build_state(w, total, warmup)
+    if resume is not None:
+        tarflow.restore(state, resume)
+    fid = FIDContext(cfg, plan, w.storage, 0, 1, w.device)
+    periodic = start_periodic(cfg, plan, w.device, 0, 1, fid)
+    try:
+        loop.train(w, state, train_set, steps_per_epoch, total, periodic)
+    except Crash:
+        pass
+    return w.logger, state, checkpoints
+
+
+def test_periodic_evaluation_leaves_the_training_trajectory_alone_and_keeps_its_schedule_over_a_restart(
+        tmp_path, monkeypatch):
+    plain, plain_state, _ = train_directly(tmp_path / "a", monkeypatch, [])
+    watched, watched_state, _ = train_directly(tmp_path / "b", monkeypatch, ["eval.every_steps=4"])
+
+    losses = {s: m["loss"] for s, m in plain.metrics.items()}
+    assert sorted(losses) == list(range(1, 13))
+    assert {s: m["loss"] for s, m in watched.metrics.items() if "loss" in m} == losses  # bit for bit
+    for a, b in [(plain_state.model, watched_state.model), (plain_state.ema, watched_state.ema)]:
+        assert a.training == b.training
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(x, y), name
+
+    evaluated = {s: m for s, m in watched.metrics.items() if "periodic/bpd" in m}
+    assert sorted(evaluated) == [4, 8, 12]
+    assert all(0 < m["periodic/bpd"] < 20 and 0 <= m["periodic/share"] < 1 for m in evaluated.values())
+    assert [(k, s) for k, s, _ in watched.images] == [(IMAGE_KEY, 4), (IMAGE_KEY, 8), (IMAGE_KEY, 12)]
+    assert all(png.startswith(b"\x89PNG") for _, _, png in watched.images)
+
+    # stopped right after the checkpoint of step 8, resumed from it: steps 4, 8 before, 12 after, none twice
+    first, _, checkpoints = train_directly(tmp_path / "c", monkeypatch, ["eval.every_steps=4"], crash_at=8)
+    second, _, _ = train_directly(tmp_path / "c", monkeypatch, ["eval.every_steps=4"], resume=checkpoints[8])
+    assert sorted(s for s, m in first.metrics.items() if "periodic/bpd" in m) == [4, 8]
+    assert sorted(s for s, m in second.metrics.items() if "periodic/bpd" in m) == [12]
+    assert [s for _, s, _ in first.images + second.images] == [4, 8, 12]
+    # the same weights give the same figure: the subset and its dequantisation noise are fixed
+    assert first.metrics[4]["periodic/bpd"] == evaluated[4]["periodic/bpd"]
+
+
+def test_a_step_evaluated_again_after_a_crash_reaches_mlflow_once(tmp_path):
+    """A crash after an evaluation but before the checkpoint of its step: the restarted run evaluates that step
+    again, and delivery keeps the first (images as metric steps)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    run_id = tracker.start_run(tracker.experiment_id("watch"), "k", "r", {}, {})
+    logger = RunLogger.__new__(RunLogger)  # its records, without a delivery thread
+    records = []
+    logger.queue, logger.run_id = type("Q", (), {"put": staticmethod(records.append)})(), run_id
+    def png(value):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (value, 0, 0)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    for step in (4, 8):
+        logger.log_metrics({"periodic/bpd": 5.0 - step / 10}, step)
+        logger.log_image(png(step), IMAGE_KEY, step)
+    deliver(tracker.client, records, {})
+    records.clear()
+    for step in (8, 12):  # the new process: step 8 again
+        logger.log_metrics({"periodic/bpd": 1.0}, step)
+        logger.log_image(png(100 + step), IMAGE_KEY, step)
+    deliver(tracker.client, records, {})  # a fresh process knows nothing yet: it asks MLflow
+
+    client = MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "periodic/bpd")] == [
+        (4, 4.6), (8, 4.2), (12, 1.0)]
+    pngs = sorted(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
+    assert [p.split("+step+")[1].split("+")[0] for p in pngs] == ["12", "4", "8"]
+    assert client.get_run(run_id).data.tags.get("mlflow.loggedImages") == "True"
+
+
+@pytest.mark.parametrize("every", [None, 500])
+def test_the_dry_run_shows_what_periodic_evaluation_costs(every):
+    from orchestrator.periodic import describe_periodic, periodic_share
+
+    cfg = compose_experiment(TABLE2, [f"eval.every_steps={every or 'null'}"])  # paper scale, 2-768-8-8
+    plan = plan_run(cfg, require_data=False)
+    line = describe_periodic(cfg, plan.model)
+    if every is None:
+        assert "off" in line and periodic_share(cfg, plan.model) is None
+        return
+    share = periodic_share(cfg, plan.model)
+    fwd = plan.model.flops_per_image()
+    expected = (1024 + 16) * fwd / ((1024 + 16) * fwd + 500 * 256 * 3 * fwd)
+    assert share == pytest.approx(expected) and f"{share:.2%}" in line
