@@ -56,7 +56,7 @@ def progress_line(name: str, p: dict) -> str:
 def evaluation_line(name: str, p: dict) -> str:
     """[name] step 1000 evaluation: bpd 3.4567  fid 41.20  (12 s; evaluation 1.3% of the time so far)"""
     shown = "  ".join(f"{k.split('/', 1)[1]} {p[k]:.4f}" for k in ("periodic/bpd", "periodic/fid") if k in p)
-    return (f"[{name}] step {p['step']} evaluation: {shown or 'sample grid'}  ({p['periodic/seconds']:.0f} s; "
+    return (f"[{name}] step {p['step']} evaluation: {shown or 'sample grid'}  ({p['periodic/seconds']:.1f} s; "
             f"evaluation {p['periodic/share']:.1%} of the time so far)")
 
 

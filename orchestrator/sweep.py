@@ -46,7 +46,7 @@ from .records import (
     setting_label,
 )
 from .storage import RunStorage
-from .tracking import Tracker
+from .tracking import Tracker, log_table
 
 SAMPLE_KEYS = {"eval.guidance", "eval.annealed_guidance", "eval.attn_temp", "eval.denoise", "eval.denoise_step"}
 KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -301,6 +301,8 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
     report = table_markdown(table, best, s.metric, s.mode)
     tracker.client.log_text(parent_id, table.to_csv(index=False), "sweep/results.csv")
     tracker.client.log_text(parent_id, report, "sweep/results.md")
+    if len(table):
+        log_table(tracker.client, parent_id, table, "sweep/results.json")  # shown as a table in the UI
     if best is not None:
         tracker.set_tags(parent_id, {BEST_RUN_TAG: best["run_id"], BEST_OVERRIDES_TAG: best["overrides"]})
     tracker.finish(parent_id, "FINISHED")

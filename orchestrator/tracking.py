@@ -334,6 +334,23 @@ class RunLogger:
         self.log_bytes(json.dumps(data, indent=1).encode(), artifact_file)
 
 
+def log_table(client: MlflowClient, run_id: str, frame, artifact_file: str) -> None:
+    """A DataFrame as an MLflow table (the UI shows a .json logged this way as a table). client.log_table
+    appends to a table the run already has; a republished table replaces it instead."""
+    import posixpath
+    import tempfile
+
+    frame = frame.astype(object).where(frame.notna(), None)  # blanks, not NaN
+    folder = posixpath.dirname(artifact_file) or None
+    if artifact_file not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        client.log_table(run_id, data=frame, artifact_file=artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # the same file format, written over the old one
+        path = Path(tmp) / posixpath.basename(artifact_file)
+        frame.to_json(path, orient="split", index=False, date_format="iso")
+        client.log_artifact(run_id, str(path), folder)
+
+
 def replay_backlog(tracker: Tracker, records: list[dict]) -> None:
     """Deliver records a run left undelivered (raises if MLflow is still unreachable)."""
     deliver(tracker.client, records, {})

@@ -8,6 +8,7 @@ logging. Evaluation is orchestrator/evaluation.py. Rank 0 logs through a queue t
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tarflow.data import load_dataset
 from .datacache import on_this_node
 from .errors import RESUME_FAILED
 from .evaluation import CHECKPOINT_FILE, FINAL_FILE, FIDContext, evaluate_model, evaluate_settings
+from .monitoring import node_name, start_system_metrics
 from .periodic import PeriodicEvaluation, start_periodic
 from .plan import RunPlan, plan_run, schedule, train_config
 from .storage import RunStorage
@@ -125,17 +127,19 @@ def load_into(state: tarflow.TrainState, local: Path, stored: str, device: torch
 
 def start_logging(w: Worker, config: dict, state: tarflow.TrainState, resumed: bool, backlog: list) -> None:
     """Rank 0 logs; every rank says which node it is on."""
-    node = ray.get_runtime_context().get_node_id()
-    nodes = [node]
+    mine = (ray.get_runtime_context().get_node_id(), socket.gethostname())
+    hosts = [mine]
     if w.world > 1:
-        nodes = [None] * w.world
-        dist.all_gather_object(nodes, node)
+        hosts = [None] * w.world
+        dist.all_gather_object(hosts, mine)
+    nodes = [n for n, _ in hosts]
     if w.rank != 0:
         return
     w.logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"])
     w.logger.queue.requeue(backlog)
     w.logger.set_tags({"ray.world_size": w.world, "ray.num_nodes": len(set(nodes)),
-                       "ray.worker_nodes": ",".join(n[:12] for n in nodes)})
+                       "ray.worker_nodes": ",".join(n[:12] for n in nodes),
+                       **{f"ray.node.{node_name(n)}": host for n, host in hosts}})
     w.logger.log_metrics({"world_size": w.world}, step=state.step)
     if resumed:
         w.logger.log_metrics({"resumed_from_step": state.step}, step=state.step)
@@ -210,6 +214,10 @@ def train_loop_per_worker(config: dict) -> None:
     resumed, backlog = restore_latest(w, state, config.get("resume_from"))
     state.extra["mlflow_run_id"] = config["mlflow_run_id"]
     start_logging(w, config, state, resumed, backlog)
+    monitor = None
+    if ray.train.get_context().get_local_rank() == 0:  # one per node
+        monitor = start_system_metrics(w.cfg.tracking.system_metrics_interval, config["tracking_uri"],
+                                       config["mlflow_run_id"], ray.get_runtime_context().get_node_id())
 
     fid = FIDContext(w.cfg, w.plan, w.storage, w.rank, w.world, w.device)  # built on first use
     periodic = start_periodic(w.cfg, w.plan, w.device, w.rank, w.world, fid)
@@ -226,6 +234,8 @@ def train_loop_per_worker(config: dict) -> None:
     evaluated = evaluate_settings(model, w.cfg, w.plan, settings, state.step, w.device, w.rank, w.world,
                                   config["tracking_uri"], fid)
     pending = finish_tracking(w, final, evaluated, state.step)
+    if monitor is not None:
+        monitor.finish()
     # the loss too, since a sweep's scheduler needs its metric in every report
     ray.train.report({"step": state.step, "loss": float(state.extra.get("last_loss", "nan")), **final,
                       "tracking_pending": pending})

@@ -102,12 +102,19 @@ def test_periodic_evaluation_leaves_the_training_trajectory_alone_and_keeps_its_
     assert first.metrics[4]["periodic/bpd"] == evaluated[4]["periodic/bpd"]
 
 
-def test_a_step_evaluated_again_after_a_crash_reaches_mlflow_once(tmp_path):
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory):
+    return Tracker(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+
+
+def new_run(tracker, name):
+    return tracker.start_run(tracker.experiment_id("watch"), name, name, {}, {})
+
+
+def test_a_step_evaluated_again_after_a_crash_reaches_mlflow_once(tracker):
     """A crash after an evaluation but before the checkpoint of its step: the restarted run evaluates that step
     again, and delivery keeps the first (images as metric steps)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker(uri)
-    run_id = tracker.start_run(tracker.experiment_id("watch"), "k", "r", {}, {})
+    uri, run_id = tracker.uri, new_run(tracker, "once")
     logger = RunLogger.__new__(RunLogger)  # its records, without a delivery thread
     records = []
     logger.queue, logger.run_id = type("Q", (), {"put": staticmethod(records.append)})(), run_id
@@ -148,3 +155,46 @@ def test_the_dry_run_shows_what_periodic_evaluation_costs(every):
     fwd = plan.model.flops_per_image()
     expected = (1024 + 16) * fwd / ((1024 + 16) * fwd + 500 * 256 * 3 * fwd)
     assert share == pytest.approx(expected) and f"{share:.2%}" in line
+
+
+def test_the_data_set_is_an_mlflow_input_whose_digest_follows_the_data(tmp_path, tracker):
+    from orchestrator.lineage import dataset_digest, log_data_input
+
+    data = plan_run(compose_experiment(TABLE2, ["scale=test"])).data
+    source, digest = dataset_digest(data)
+    assert source == "/usr/share/datasets/fashion-mnist" and len(digest) == 16
+    assert dataset_digest(data) == (source, digest)  # the same data, the same digest
+    smaller = plan_run(compose_experiment(TABLE2, ["scale=test", "data.limit=256"])).data
+    assert dataset_digest(smaller)[1] != digest  # what the model sees differs
+    copy = tmp_path / "fmnist"
+    copy.mkdir()
+    for f in data.root_path.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    labels = bytearray((copy / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    labels[-5] ^= 1
+    (copy / "t10k-labels-idx1-ubyte.gz").write_bytes(labels)
+    other = plan_run(compose_experiment(TABLE2, ["scale=test", f"data.root={copy}"])).data
+    assert dataset_digest(other)[1] != digest  # one byte of one file
+
+    uri, run_id = tracker.uri, new_run(tracker, "lineage")
+    for _ in range(2):  # a resumed run logs it again: still one input
+        log_data_input(tracker.client, run_id, data)
+    (inp,) = MlflowClient(uri).get_run(run_id).inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.digest, inp.dataset.source_type) == ("fashion_mnist", digest, "local")
+    assert '"/usr/share/datasets/fashion-mnist"' in inp.dataset.source
+    assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "training")]
+
+
+def test_tables_are_logged_as_mlflow_tables_and_replaced_when_published_again(tracker, tmp_path):
+    import pandas as pd
+
+    from orchestrator.tracking import log_table
+
+    run_id = new_run(tracker, "table")
+    first = pd.DataFrame({"model": ["Glow", "TarFlow (ours)"], "paper": [3.81, None], "ours": [None, 6.3]})
+    log_table(tracker.client, run_id, first, "table/table.json")
+    log_table(tracker.client, run_id, first.assign(ours=[None, 5.9]), "table/table.json")  # a rerun's table
+    run = tracker.client.get_run(run_id)
+    assert run.data.tags["mlflow.loggedArtifacts"] == '[{"path": "table/table.json", "type": "table"}]'
+    shown = pd.read_json(tracker.client.download_artifacts(run_id, "table/table.json", str(tmp_path)), orient="split")
+    assert shown["model"].tolist() == ["Glow", "TarFlow (ours)"] and shown["ours"].tolist()[1] == 5.9
