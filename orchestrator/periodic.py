@@ -186,14 +186,17 @@ def periodic_share(cfg, model: tarflow.TarFlowConfig) -> float | None:
     return flops / (flops + train)
 
 
-def describe_periodic(cfg, model: tarflow.TarFlowConfig) -> str:
+def describe_watching(cfg, model: tarflow.TarFlowConfig) -> str:
+    """The dry run's line on what is watched during training and what the periodic evaluation costs."""
     e = cfg.eval
+    interval = cfg.tracking.system_metrics_interval
+    system = f"system metrics of every node every {interval:g} s" if interval else "system metrics off"
     if not e.every_steps:
-        return "watching    periodic evaluation off (eval.every_steps=null)"
+        return f"watching    {system}; periodic evaluation off (eval.every_steps=null)"
     share = periodic_share(cfg, model)
     parts = [f"BPD on {e.periodic_val_images} held-out images" if e.periodic_val_images else "",
              f"a grid of {e.periodic_samples}" if e.periodic_samples else "",
              f"FID of {e.periodic_fid_samples} samples" if e.periodic_fid_samples else ""]
-    return (f"watching    every {e.every_steps} steps: {', '.join(p for p in parts if p) or 'nothing'}; "
-            f"≈{share:.2%} of the run's FLOPs (sampling runs token by token, at a lower utilisation than "
-            "training: the time share is larger; each evaluation logs its own as periodic/share)")
+    return (f"watching    {system}; every {e.every_steps} steps {', '.join(p for p in parts if p) or 'nothing'}: "
+            f"≈{share:.2%} of the run's FLOPs (sampling goes token by token at a lower utilisation than training, "
+            "so its share of the time is larger: each evaluation logs the measured periodic/share)")

@@ -14,11 +14,14 @@ from .config import redact_uri, redacted_yaml
 from .cost import describe_cost, estimate_cost
 from .errors import cli_entry
 from .lifecycle import load_experiment, run_experiment
+from .periodic import describe_watching
 from .plan import RunPlan
 from .storage import RunStorage
+from .summary import run_summary
 from .sweep import describe_sweep, num_trials, run_sweep, sweep_of
 from .tables import publish_table
 from .tracking import check_tracking, quick_failing_http
+from .trainer import set_verbose
 
 
 def describe_plan(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", help="experiment YAML, e.g. experiments/table2.yaml")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. scale=smoke train.steps=100")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray Train's and Tune's own lines (every report, checkpoint, status table)")
     parser.add_argument("--set-aside-corrupt-checkpoint", action="store_true",
                         help="if the run's latest checkpoint is corrupt, move it to <run>/corrupt/ and resume from "
                              "the one before it")
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = sweep_of(plan, require_data=not args.dry_run)
     description = describe_plan(plan, storage, tracking_uri) + (f"\n{describe_sweep(sweep)}" if sweep else "")
     description += "\n" + describe_cost(estimate_cost(plan, runs=num_trials(sweep) if sweep else 1))
+    description += "\n" + describe_watching(plan.cfg, plan.model)
     if args.dry_run:
         print(redacted_yaml(plan.cfg))
         print(description)
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     storage.check()
     check_tracking(tracking_uri)
     quick_failing_http()
+    set_verbose(args.verbose)
     print(description, flush=True)
     if sweep:
         run_sweep(sweep, storage, tracking_uri)
@@ -74,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         run_experiment(plan, storage, tracking_uri, set_aside_corrupt=args.set_aside_corrupt_checkpoint)
     if plan.cfg.reference is not None:
         publish_table(plan, storage, tracking_uri)
+    try:
+        print(run_summary(plan, storage, tracking_uri, sweep), flush=True)
+    except Exception as e:  # MLflow behind: what matters is in storage, and was said above
+        print(f"[summary] results in {redact_uri(storage.describe())}; MLflow did not answer ({type(e).__name__})")
     return 0
 
 

@@ -203,6 +203,9 @@ def run_trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .trainer import set_verbose
+
+    set_verbose(config.get("verbose", False))
     plan, overrides = trial_plan(config)
     storage = RunStorage(**config["storage"])
     done = read_result(storage, plan.run_name)
@@ -251,6 +254,8 @@ def run_sweep(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.Da
 def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.DataFrame:
     from ray import tune
 
+    from . import trainer
+    from .progress import TrialEvents
     from .trainer import init_ray
 
     base = sweep.base
@@ -278,6 +283,7 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
         "overrides": {a.key: a.tune_domain() for a in sweep.train_axes},
         "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url}, "tracking_uri": tracking_uri,
         "parent_run_id": parent_id, "sweep_name": sweep.name, "sample_settings": sweep.sample_settings,
+        "verbose": trainer.VERBOSE,
     }
     path = f"{root}/{sweep.name}"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
@@ -289,7 +295,8 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=s.num_samples,
                                         max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=root, storage_filesystem=fs, verbose=1),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=root, storage_filesystem=fs,
+                                      verbose=1 if trainer.VERBOSE else 0, callbacks=[TrialEvents(sweep.name)]),
         )
     grid = tuner.fit()
     errored = {trial_id_of(r) for r in grid if r.error is not None}

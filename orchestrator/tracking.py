@@ -340,7 +340,7 @@ def log_table(client: MlflowClient, run_id: str, frame, artifact_file: str) -> N
     import posixpath
     import tempfile
 
-    frame = frame.astype(object).where(frame.notna(), None)  # blanks, not NaN
+    frame = frame.astype(object).where(frame.notna(), "")  # blank cells, not "null"
     folder = posixpath.dirname(artifact_file) or None
     if artifact_file not in {a.path for a in client.list_artifacts(run_id, folder)}:
         client.log_table(run_id, data=frame, artifact_file=artifact_file)

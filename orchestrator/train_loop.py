@@ -31,6 +31,7 @@ from .evaluation import CHECKPOINT_FILE, FINAL_FILE, FIDContext, evaluate_model,
 from .monitoring import node_name, start_system_metrics
 from .periodic import PeriodicEvaluation, start_periodic
 from .plan import RunPlan, plan_run, schedule, train_config
+from .progress import quiet_ray_train_logs
 from .storage import RunStorage
 from .tracking import BACKLOG_FILE, RunLogger
 
@@ -80,6 +81,8 @@ def report(w: Worker, metrics: dict, state: tarflow.TrainState, **extra) -> None
 
 
 def start_worker(config: dict) -> Worker:
+    if not config.get("verbose"):
+        quiet_ray_train_logs()
     cfg = OmegaConf.create(config["cfg"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()

@@ -143,11 +143,12 @@ def test_a_step_evaluated_again_after_a_crash_reaches_mlflow_once(tracker):
 
 @pytest.mark.parametrize("every", [None, 500])
 def test_the_dry_run_shows_what_periodic_evaluation_costs(every):
-    from orchestrator.periodic import describe_periodic, periodic_share
+    from orchestrator.periodic import describe_watching, periodic_share
 
     cfg = compose_experiment(TABLE2, [f"eval.every_steps={every or 'null'}"])  # paper scale, 2-768-8-8
     plan = plan_run(cfg, require_data=False)
-    line = describe_periodic(cfg, plan.model)
+    line = describe_watching(cfg, plan.model)
+    assert "system metrics of every node every 10 s" in line
     if every is None:
         assert "off" in line and periodic_share(cfg, plan.model) is None
         return
