@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import logging
 
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from .tracking import quick_failing_http, say
+
+try:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    UNAVAILABLE = None
+except ImportError as e:  # psutil absent (a dependency of this project): the run goes on without them
+    SystemMetricsMonitor, UNAVAILABLE = object, e
 
 MAX_HELD = 100_000  # metric values kept through an outage (≈ 15 per node per sample: days at 10 s)
 
@@ -29,6 +35,10 @@ class NodeMetricsMonitor(SystemMetricsMonitor):
     """MLflow's monitor of one node, kept going through tracking outages."""
 
     def monitor(self) -> None:
+        try:  # steps go on after those the run has (a restarted worker group), asked here, off the training path
+            self._logging_step = self._get_next_logging_step(self._run_id)
+        except Exception:  # MLflow unreachable: this node's charts start again at step 0
+            pass
         while not self._shutdown_event.is_set():
             for _ in range(self.samples_before_logging):
                 self.collect_metrics()
@@ -56,19 +66,19 @@ class NodeMetricsMonitor(SystemMetricsMonitor):
 
 def start_system_metrics(interval: float | None, tracking_uri: str, run_id: str, node_id: str
                          ) -> NodeMetricsMonitor | None:
-    """The node's monitor, started (None when interval is null or it cannot start). Steps continue after those
-    the run already has, so a restarted worker group extends the charts."""
+    """The node's monitor, started (None when interval is null or it cannot start). Nothing here waits on MLflow."""
     if not interval:
         return None
+    if UNAVAILABLE is not None:
+        say(f"[tracking] no system metrics from node {node_name(node_id)}: {UNAVAILABLE}")
+        return None
+    quick_failing_http(retries=0)  # the monitor tries again at its next sample
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started monitoring" lines
     try:
-        monitor = NodeMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
-                                     node_id=node_name(node_id), tracking_uri=tracking_uri)
-    except Exception:  # MLflow unreachable at the start: the charts of this node start again at step 0
-        try:
-            monitor = NodeMetricsMonitor(run_id, sampling_interval=interval, node_id=node_name(node_id),
-                                         tracking_uri=tracking_uri)
-        except Exception:
-            return None
+        monitor = NodeMetricsMonitor(run_id, sampling_interval=interval, node_id=node_name(node_id),
+                                     tracking_uri=tracking_uri)
+    except Exception as e:
+        say(f"[tracking] no system metrics from node {node_name(node_id)}: {type(e).__name__}: {e}")
+        return None
     monitor.start()
     return monitor

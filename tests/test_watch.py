@@ -199,3 +199,30 @@ def test_tables_are_logged_as_mlflow_tables_and_replaced_when_published_again(tr
     assert run.data.tags["mlflow.loggedArtifacts"] == '[{"path": "table/table.json", "type": "table"}]'
     shown = pd.read_json(tracker.client.download_artifacts(run_id, "table/table.json", str(tmp_path)), orient="split")
     assert shown["model"].tolist() == ["Glow", "TarFlow (ours)"] and shown["ours"].tolist()[1] == 5.9
+
+
+def test_system_metrics_keep_sampling_through_a_tracking_outage_and_resume_their_steps(tracker, monkeypatch):
+    import time
+
+    from devservers import free_port
+
+    from orchestrator.monitoring import start_system_metrics
+
+    for key, value in [("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")]:
+        monkeypatch.setenv(key, value)  # what start_system_metrics sets in a worker, undone after the test
+    run_id = new_run(tracker, "system")
+    started = time.perf_counter()
+    down = start_system_metrics(0.2, f"http://127.0.0.1:{free_port()}", run_id, "node-a-and-the-rest")
+    assert time.perf_counter() - started < 1  # nothing waits on MLflow before training
+
+    time.sleep(1.5)
+    assert down._process.is_alive() and len(down.mlflow_logger.data) >= 8  # kept, to be sent later
+    down.finish()  # its last send fails too: not an error of the run
+
+    for _ in range(2):  # a worker group that restarts: steps continue after those the run has
+        up = start_system_metrics(0.2, tracker.uri, run_id, "node-a-and-the-rest")
+        time.sleep(1.0)
+        up.finish()
+    cpu = "system/node-a-and-t/cpu_utilization_percentage"  # the node's name: its id's first 12 characters
+    steps = [m.step for m in tracker.client.get_metric_history(run_id, cpu)]
+    assert len(steps) >= 4 and steps == sorted(set(steps)) and steps[0] == 0, steps
