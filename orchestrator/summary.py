@@ -51,7 +51,7 @@ def run_summary(plan: RunPlan, storage: RunStorage, tracking_uri: str, sweep=Non
                      + "  (result.json beside it)")
     else:
         runs = tracker.client.search_runs(
-            [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep.name}' and tags.`{KIND_TAG}` = '{SWEEP}'",
+            [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep.name}' AND tags.`{KIND_TAG}` = '{SWEEP}'",
             max_results=1) if exp_id else []
         run_id = runs[0].info.run_id if runs else None
         best = runs[0].data.tags.get("tarflow.best_overrides") if runs else None

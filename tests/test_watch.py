@@ -226,3 +226,45 @@ def test_system_metrics_keep_sampling_through_a_tracking_outage_and_resume_their
     cpu = "system/node-a-and-t/cpu_utilization_percentage"  # the node's name: its id's first 12 characters
     steps = [m.step for m in tracker.client.get_metric_history(run_id, cpu)]
     assert len(steps) >= 4 and steps == sorted(set(steps)) and steps[0] == 0, steps
+
+
+def test_the_closing_summary_says_where_to_look_without_credentials():
+    from orchestrator.summary import figures, mlflow_address
+
+    assert mlflow_address("http://alice:s3cret@mlflow:5000/", "3", "abc") == \
+        "http://alice:***@mlflow:5000/#/experiments/3/runs/abc"
+    assert mlflow_address("sqlite:////w/mlflow.db", "1", "abc") == \
+        "mlflow ui --backend-store-uri sqlite:////w/mlflow.db   then http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    assert figures({"step": 300, "loss": -1.42389, "bpd": 6.28695, "images_per_sec": 1145.9, "lr": 1e-5,
+                    "periodic/share": 0.0153}) == "step 300  loss -1.424  bpd 6.287  images_per_sec 1,146  " \
+                                                  "periodic/share 1.5%"
+
+
+def test_a_sweep_prints_one_line_per_trial_event(capsys):
+    from types import SimpleNamespace
+
+    from orchestrator.progress import TrialEvents
+
+    events = TrialEvents("s")
+    a = SimpleNamespace(trial_id="t_00000", config={"overrides": {"model.patch_size": 2}}, last_result={})
+    b = SimpleNamespace(trial_id="t_00001", config={"overrides": {"model.patch_size": 4}}, last_result={},
+                        get_error=lambda: RuntimeError("Traceback ...\nValueError: boom"))
+    for trial in (a, b):
+        events.on_trial_start(0, [], trial)
+    a.last_result = {"step": 10, "loss": 0.123456, "done": False}
+    events.on_trial_result(0, [], a, a.last_result)
+    b.last_result = {"step": 10, "loss": 0.9, "done": True}  # the result the scheduler stopped it at
+    events.on_trial_result(0, [], b, b.last_result)
+    events.on_trial_complete(0, [], b)
+    a.last_result = {"step": 20, "loss": 0.1, "bpd": 6.3}
+    events.on_trial_complete(0, [], a)
+    events.on_trial_error(0, [], b)
+    assert capsys.readouterr().out.splitlines() == [
+        "[sweep] trial t_00000 (patch_size=2) started",
+        "[sweep] trial t_00001 (patch_size=4) started",
+        "[sweep] trial t_00000 (patch_size=2) reported step 10  loss 0.1235",
+        "[sweep] trial t_00001 (patch_size=4) reported step 10  loss 0.9",
+        "[sweep] trial t_00001 (patch_size=4) stopped early by the scheduler after step 10  loss 0.9",
+        "[sweep] trial t_00000 (patch_size=2) finished: step 20  loss 0.1  bpd 6.3",
+        "[sweep] trial t_00001 (patch_size=4) errored: ValueError: boom",
+    ]
