@@ -1,6 +1,6 @@
 """System metrics of every node of a run, in the run's System metrics tab of the MLflow UI.
 
-One worker per node (local rank 0) runs MLflow's SystemMetricsMonitor (mlflow.system_metrics: CPU, memory,
+One worker per Ray node (its first rank) runs MLflow's SystemMetricsMonitor (mlflow.system_metrics: CPU, memory,
 disk and network through psutil; utilisation, memory and power of every GPU of the node through
 nvidia-ml-py), sampling every `tracking.system_metrics_interval` seconds (null: off). Names carry the node,
 as MLflow does for multi-node runs: `system/<node>/cpu_utilization_percentage`, where <node> is the first 12

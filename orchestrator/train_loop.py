@@ -48,6 +48,7 @@ class Worker:
     storage: RunStorage
     board: object = None             # the driver's RunBoard actor (progress lines), if any
     logger: RunLogger | None = None  # rank 0 only
+    nodes: list = field(default_factory=list)  # the Ray node id of every rank
     last_logged: dict = field(default_factory=dict)
 
 
@@ -135,7 +136,7 @@ def start_logging(w: Worker, config: dict, state: tarflow.TrainState, resumed: b
     if w.world > 1:
         hosts = [None] * w.world
         dist.all_gather_object(hosts, mine)
-    nodes = [n for n, _ in hosts]
+    nodes = w.nodes = [n for n, _ in hosts]
     if w.rank != 0:
         return
     w.logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"])
@@ -218,9 +219,9 @@ def train_loop_per_worker(config: dict) -> None:
     state.extra["mlflow_run_id"] = config["mlflow_run_id"]
     start_logging(w, config, state, resumed, backlog)
     monitor = None
-    if ray.train.get_context().get_local_rank() == 0:  # one per node
+    if w.nodes.index(w.nodes[w.rank]) == w.rank:  # one per Ray node: its first rank
         monitor = start_system_metrics(w.cfg.tracking.system_metrics_interval, config["tracking_uri"],
-                                       config["mlflow_run_id"], ray.get_runtime_context().get_node_id())
+                                       config["mlflow_run_id"], w.nodes[w.rank])
 
     fid = FIDContext(w.cfg, w.plan, w.storage, w.rank, w.world, w.device)  # built on first use
     periodic = start_periodic(w.cfg, w.plan, w.device, w.rank, w.world, fid)
