@@ -58,8 +58,15 @@ class NodeMetricsMonitor(SystemMetricsMonitor):
             del held.data[:-MAX_HELD]
 
     def finish(self) -> None:
+        """Stop and send what is held; MLflow's own finish logs a failed last send as an error naming the
+        tracking URI (credentials too): here it is only lost."""
+        if self._process is None:
+            return
+        self._shutdown_event.set()
+        self._process.join()  # at most one request's timeout
+        self._process = None
         try:
-            super().finish()  # the last send, too, must not fail the run
+            self.mlflow_logger.flush()
         except Exception:
             pass
 
