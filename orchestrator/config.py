@@ -268,12 +268,17 @@ VALUE_RULES = {
     "sample.batch_size": POSITIVE_INT,
     "sample.seed": NONNEG_INT,
     "sample.grid": NONNEG_INT,
+    "eval.every_steps": Range(lo=1, integer=True, optional=True),
+    "eval.periodic_val_images": NONNEG_INT,
+    "eval.periodic_samples": NONNEG_INT,
+    "eval.periodic_fid_samples": NONNEG_INT,
     "storage.uri": Text(),
     "storage.endpoint_url": Text(optional=True, schemes=("http", "https")),
     "storage.keep_checkpoints": POSITIVE_INT,
     "tracking.uri": Text(optional=True),
     "tracking.experiment": Text(optional=True),
     "tracking.run_name": Text(optional=True),
+    "tracking.system_metrics_interval": Range(lo=0, lo_open=True, optional=True),
     "cluster.address": Text(optional=True),
     "cluster.num_workers": POSITIVE_INT,
     "cluster.cpus_per_worker": POSITIVE,
@@ -313,6 +318,9 @@ def check_values(cfg: DictConfig, source: str) -> None:
     if cfg.train.steps == 0 and not cfg.model.init_from:
         raise ExperimentError(f"{source}: train.steps=0 (evaluate only) needs model.init_from, the weights to "
                               "evaluate")
+    if cfg.eval.periodic_fid_samples == 1:
+        raise ExperimentError(f"{source}: eval.periodic_fid_samples=1 is out of range: a FID needs at least 2 "
+                              "samples (0 turns it off)")
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ExperimentError(f"{source}: train.batch_size={cfg.train.batch_size} is not divisible by "
                               f"cluster.num_workers={cfg.cluster.num_workers}")

@@ -285,6 +285,10 @@ def evaluate_checkpoints_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from .progress import quiet_ray_train_logs
+
+    if not config.get("verbose"):
+        quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

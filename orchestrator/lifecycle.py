@@ -26,6 +26,7 @@ from .config import compose_experiment, redact_uri, with_dotlist, with_overrides
 from .errors import RESUME_FAILED, ExperimentError, RunFailed
 from .evaluation import CHECKPOINT_FILE, EVALUATED_PREFIX, FINAL_FILE
 from .lease import RunLease
+from .lineage import log_data_input
 from .plan import RunPlan, evaluation_key, plan_run, short_hash, storage_safe
 from .records import (
     ARCH_TAG,
@@ -159,6 +160,7 @@ def start_tracked_run(plan: RunPlan, storage: RunStorage, tracker: Tracker, pare
               f"{redact_uri(storage.describe())}/{plan.run_name} (storage wiped or changed): training starts afresh "
               f"in a new MLflow run {run_id}; the old one is tagged superseded", flush=True)
     tracker.set_tags(run_id, {"ray_job_id": ray.get_runtime_context().get_job_id()})
+    log_data_input(tracker.client, run_id, plan.data, plan.cfg.storage.endpoint_url)
     storage.write_text(f"{plan.run_name}/{CONFIG_FILE}", resolved_config(plan.cfg))
     return run_id
 

@@ -100,9 +100,16 @@ def config_hash(cfg: DictConfig) -> str:
 
 def evaluation_of(cfg: DictConfig) -> dict:
     """What an evaluation of a trained model depends on: the eval section and the held-out subset (values
-    at the schema's default left out, as for the run identity)."""
+    at the schema's default left out, as for the run identity). The periodic-evaluation keys only act while
+    training, so a finished run is not evaluated again for them."""
     leaves = non_default_leaves(cfg)
-    return {k: v for k, v in leaves.items() if k.startswith("eval.") or k == "data.val_limit"}
+    return {k: v for k, v in leaves.items()
+            if (k.startswith("eval.") or k == "data.val_limit") and k not in DURING_TRAINING}
+
+
+# eval keys that only act during training (orchestrator/periodic.py)
+DURING_TRAINING = {"eval.every_steps", "eval.periodic_val_images", "eval.periodic_samples",
+                   "eval.periodic_fid_samples"}
 
 
 def evaluation_key(cfg: DictConfig) -> str:

@@ -15,11 +15,14 @@ from .cost import describe_cost, estimate_cost
 from .errors import ExperimentError, cli_entry
 from .gpu_memory import check_launch, describe_memory, estimate_memory
 from .lifecycle import load_experiment, run_experiment
+from .periodic import describe_watching
 from .plan import RunPlan
 from .storage import RunStorage
+from .summary import run_summary
 from .sweep import describe_sweep, num_trials, run_sweep, sweep_of
 from .tables import publish_table
 from .tracking import check_tracking, quick_failing_http
+from .trainer import set_verbose
 
 
 def describe_plan(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. scale=smoke train.steps=100")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the plan (cost, GPU memory per GPU), then exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray Train's and Tune's own lines (every report, checkpoint, status table)")
     parser.add_argument("--set-aside-corrupt-checkpoint", action="store_true",
                         help="if the run's latest checkpoint is corrupt, move it to <run>/corrupt/ and resume from "
                              "the one before it")
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     description = describe_plan(plan, storage, tracking_uri) + (f"\n{describe_sweep(sweep)}" if sweep else "")
     description += "\n" + describe_cost(estimate_cost(plan, runs=num_trials(sweep) if sweep else 1))
     description += "\n" + describe_memory(plan, memory)
+    description += "\n" + describe_watching(plan.cfg, plan.model)
     if args.dry_run:
         print(redacted_yaml(plan.cfg))
         print(description)
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     storage.check()
     check_tracking(tracking_uri)
     quick_failing_http()
+    set_verbose(args.verbose)
     print(description, flush=True)
     for note in notes:
         print(f"[orchestrator] {note}", flush=True)
@@ -89,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             except ExperimentError:  # the table is built from MLflow: later, when it answers
                 print("[orchestrator] the table is not rebuilt while MLflow does not answer; "
                       f"`python -m orchestrator.report {args.experiment}` builds it then", flush=True)
-                return 0
-            raise
+            else:
+                raise
+    try:
+        print(run_summary(plan, storage, tracking_uri, sweep), flush=True)
+    except Exception as e:  # MLflow behind: what matters is in storage, and was said above
+        print(f"[summary] results in {redact_uri(storage.describe())}; MLflow did not answer ({type(e).__name__})")
     return 0
 
 

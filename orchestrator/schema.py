@@ -109,6 +109,12 @@ class EvalSection:
     sampler: str = "sequential"
     jacobi: JacobiSection = field(default_factory=JacobiSection)
     fid: FIDSection = field(default_factory=FIDSection)
+    # periodic evaluation during training (orchestrator/periodic.py), logged at the training step: held-out BPD
+    # on a fixed validation subset, a sample grid from fixed noise and labels, optionally a small-sample FID
+    every_steps: Optional[int] = None  # evaluate at every multiple of this step (null: off)
+    periodic_val_images: int = 1024    # the fixed validation subset (0: no periodic BPD)
+    periodic_samples: int = 16         # images in each step's grid (0: no grid)
+    periodic_fid_samples: int = 0      # samples of each step's FID (0: none); needs eval.fid's Inception weights
 
 
 @dataclass
@@ -138,6 +144,8 @@ class TrackingSection:
     uri: Optional[str] = None       # MLflow server or store; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: Optional[str] = None  # default: experiment.name
     run_name: Optional[str] = None    # default: <experiment>/<arch>/<noise>
+    # MLflow system metrics (CPU, memory, disk, network, GPU) of every node, sampled every this many seconds
+    system_metrics_interval: Optional[float] = 10.0  # null: off
 
 
 @dataclass

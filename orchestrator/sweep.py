@@ -46,7 +46,7 @@ from .records import (
     setting_label,
 )
 from .storage import RunStorage
-from .tracking import Tracker
+from .tracking import Tracker, log_table
 
 SAMPLE_KEYS = {"eval.guidance", "eval.annealed_guidance", "eval.attn_temp", "eval.denoise", "eval.denoise_step",
                "eval.sampler", "eval.jacobi.tol", "eval.jacobi.max_iters"}
@@ -204,6 +204,9 @@ def run_trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .trainer import set_verbose
+
+    set_verbose(config.get("verbose", False))
     plan, overrides = trial_plan(config)
     storage = RunStorage(**config["storage"])
     done = read_result(storage, plan.run_name)
@@ -252,6 +255,8 @@ def run_sweep(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.Da
 def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.DataFrame:
     from ray import tune
 
+    from . import trainer
+    from .progress import TrialEvents
     from .trainer import init_ray
 
     base = sweep.base
@@ -279,6 +284,7 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
         "overrides": {a.key: a.tune_domain() for a in sweep.train_axes},
         "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url}, "tracking_uri": tracking_uri,
         "parent_run_id": parent_id, "sweep_name": sweep.name, "sample_settings": sweep.sample_settings,
+        "verbose": trainer.VERBOSE,
     }
     path = f"{root}/{sweep.name}"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
@@ -290,7 +296,8 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=s.num_samples,
                                         max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=root, storage_filesystem=fs, verbose=1),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=root, storage_filesystem=fs,
+                                      verbose=1 if trainer.VERBOSE else 0, callbacks=[TrialEvents(sweep.name)]),
         )
     grid = tuner.fit()
     errored = {trial_id_of(r) for r in grid if r.error is not None}
@@ -302,6 +309,8 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
     report = table_markdown(table, best, s.metric, s.mode)
     tracker.client.log_text(parent_id, table.to_csv(index=False), "sweep/results.csv")
     tracker.client.log_text(parent_id, report, "sweep/results.md")
+    if len(table):
+        log_table(tracker.client, parent_id, table, "sweep/results.json")  # shown as a table in the UI
     if best is not None:
         tracker.set_tags(parent_id, {BEST_RUN_TAG: best["run_id"], BEST_OVERRIDES_TAG: best["overrides"]})
     tracker.finish(parent_id, "FINISHED")

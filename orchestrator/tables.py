@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from .plan import RunPlan
 from .records import KIND_TAG, TABLE, runs_frame
 from .storage import RunStorage
-from .tracking import Tracker
+from .tracking import Tracker, log_table
 
 
 def collect_runs(tracker: Tracker, experiment: str) -> pd.DataFrame:
@@ -161,6 +161,7 @@ def publish_table(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
         if figure and plot_figure(figure, runs, tmp / "figure.png"):
             storage.write_bytes(f"tables/{plan.experiment_name}/figure.png", (tmp / "figure.png").read_bytes())
         tracker.client.log_artifacts(run_id, str(tmp), "table")
+    log_table(tracker.client, run_id, table, "table/table.json")  # shown as a table in the UI
     tracker.finish(run_id, "FINISHED")
     print(text, flush=True)
     return text

@@ -15,8 +15,10 @@ from __future__ import annotations
 import base64
 import collections
 import fcntl
+import io
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -179,8 +181,46 @@ def deliver(client: MlflowClient, records: list[dict], last_step: dict) -> None:
                 path = Path(tmp) / Path(rec["path"]).name
                 path.write_bytes(base64.b64decode(rec["data"]))
                 client.log_artifact(run_id, str(path), str(Path(rec["path"]).parent) or None)
+        elif rec["kind"] == "image":
+            deliver_image(client, rec, last_step)
         elif rec["kind"] == "status":
             client.set_terminated(run_id, status=rec["status"])
+
+
+# what MlflowClient.log_image(key=, step=) names its files: images/<key, / as ~>+step+<step>+timestamp+...
+# (older MLflow versions: % instead of +)
+IMAGE_FILE = re.compile(r"images/(?P<key>.+?)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%]")
+
+
+def logged_image_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The last step of every time-stepped image key the run has, from its artifact listing."""
+    last: dict[str, int] = {}
+    for f in client.list_artifacts(run_id, "images"):
+        if m := IMAGE_FILE.match(f.path):
+            key = m["key"].replace("~", "/")
+            last[key] = max(last.get(key, -1), int(m["step"]))
+    return last
+
+
+def deliver_image(client: MlflowClient, rec: dict, last_step: dict) -> None:
+    """A time-stepped image (the UI's image step slider), each (key, step) once, as metric steps are."""
+    from PIL import Image
+
+    run_id = rec["run_id"]
+    if (run_id, "image:") not in last_step:
+        for key, step in logged_image_steps(client, run_id).items():
+            last_step[(run_id, f"image:{key}")] = step
+        last_step[(run_id, "image:")] = 0
+    seen = (run_id, f"image:{rec['key']}")
+    if rec["step"] <= last_step.get(seen, -1):
+        return
+    try:
+        client.log_image(run_id, Image.open(io.BytesIO(base64.b64decode(rec["data"]))), key=rec["key"],
+                         step=rec["step"], timestamp=rec["ts"], synchronous=True)
+    except Exception:
+        last_step.pop((run_id, "image:"), None)  # half delivered? list the run's images again on the retry
+        raise
+    last_step[seen] = rec["step"]
 
 
 class TrackingQueue:
@@ -280,6 +320,11 @@ class RunLogger:
         self.queue.put({"kind": "artifact", "run_id": self.run_id, "path": artifact_file,
                         "data": base64.b64encode(data).decode()})
 
+    def log_image(self, png: bytes, key: str, step: int) -> None:
+        """A PNG at a training step: the MLflow UI shows a run's images of one key with a step slider."""
+        self.queue.put({"kind": "image", "run_id": self.run_id, "key": key, "step": int(step),
+                        "ts": int(time.time() * 1000), "data": base64.b64encode(png).decode()})
+
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         local_path = Path(local_path)
         self.log_bytes(local_path.read_bytes(), f"{artifact_path}/{local_path.name}" if artifact_path
@@ -289,6 +334,23 @@ class RunLogger:
         import json
 
         self.log_bytes(json.dumps(data, indent=1).encode(), artifact_file)
+
+
+def log_table(client: MlflowClient, run_id: str, frame, artifact_file: str) -> None:
+    """A DataFrame as an MLflow table (the UI shows a .json logged this way as a table). client.log_table
+    appends to a table the run already has; a republished table replaces it instead."""
+    import posixpath
+    import tempfile
+
+    frame = frame.astype(object).where(frame.notna(), "")  # blank cells, not "null"
+    folder = posixpath.dirname(artifact_file) or None
+    if artifact_file not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        client.log_table(run_id, data=frame, artifact_file=artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # the same file format, written over the old one
+        path = Path(tmp) / posixpath.basename(artifact_file)
+        frame.to_json(path, orient="split", index=False, date_format="iso")
+        client.log_artifact(run_id, str(path), folder)
 
 
 def replay_backlog(tracker: Tracker, records: list[dict]) -> None:

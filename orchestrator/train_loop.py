@@ -8,6 +8,7 @@ logging. Evaluation is orchestrator/evaluation.py. Rank 0 logs through a queue t
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,10 @@ from tarflow.data import load_dataset
 from .datacache import on_this_node
 from .errors import RESUME_FAILED
 from .evaluation import CHECKPOINT_FILE, FINAL_FILE, FIDContext, evaluate_model, evaluate_settings
+from .monitoring import node_name, start_system_metrics
+from .periodic import PeriodicEvaluation, start_periodic
 from .plan import RunPlan, plan_run, schedule, train_config
+from .progress import quiet_ray_train_logs
 from .storage import RunStorage
 from .tracking import BACKLOG_FILE, DRAIN_S, RunLogger
 from .weights import WeightsSource, load_weights
@@ -45,6 +49,7 @@ class Worker:
     storage: RunStorage
     board: object = None             # the driver's RunBoard actor (progress lines), if any
     logger: RunLogger | None = None  # rank 0 only
+    nodes: list = field(default_factory=list)  # the Ray node id of every rank
     last_logged: dict = field(default_factory=dict)
 
 
@@ -78,6 +83,8 @@ def report(w: Worker, metrics: dict, state: tarflow.TrainState, **extra) -> None
 
 
 def start_worker(config: dict) -> Worker:
+    if not config.get("verbose"):
+        quiet_ray_train_logs()
     cfg = OmegaConf.create(config["cfg"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -137,17 +144,19 @@ def load_into(state: tarflow.TrainState, local: Path, stored: str, device: torch
 
 def start_logging(w: Worker, config: dict, state: tarflow.TrainState, resumed: bool, backlog: list) -> None:
     """Rank 0 logs; every rank says which node it is on."""
-    node = ray.get_runtime_context().get_node_id()
-    nodes = [node]
+    mine = (ray.get_runtime_context().get_node_id(), socket.gethostname())
+    hosts = [mine]
     if w.world > 1:
-        nodes = [None] * w.world
-        dist.all_gather_object(nodes, node)
+        hosts = [None] * w.world
+        dist.all_gather_object(hosts, mine)
+    nodes = w.nodes = [n for n, _ in hosts]
     if w.rank != 0:
         return
     w.logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"])
     w.logger.queue.requeue(backlog)
     w.logger.set_tags({"ray.world_size": w.world, "ray.num_nodes": len(set(nodes)),
-                       "ray.worker_nodes": ",".join(n[:12] for n in nodes)})
+                       "ray.worker_nodes": ",".join(n[:12] for n in nodes),
+                       **{f"ray.node.{node_name(n)}": host for n, host in hosts}})
     w.logger.log_metrics({"world_size": w.world}, step=state.step)
     if resumed:
         w.logger.log_metrics({"resumed_from_step": state.step}, step=state.step)
@@ -155,8 +164,11 @@ def start_logging(w: Worker, config: dict, state: tarflow.TrainState, resumed: b
         w.logger.log_dict(config["resolved_config"], "config/resolved.json")
 
 
-def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int, total_steps: int) -> None:
-    """Steps until total_steps: metrics every train.log_every, a checkpoint every train.checkpoint_every."""
+def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int, total_steps: int,
+          periodic: PeriodicEvaluation | None = None) -> None:
+    """Steps until total_steps: metrics every train.log_every, a periodic evaluation every eval.every_steps (if
+    on), a checkpoint every train.checkpoint_every (after the evaluation of its step, so a resume from it does
+    not evaluate that step again)."""
     cfg = w.cfg
     every_log, every_ckpt = cfg.train.log_every, cfg.train.checkpoint_every
     started, start_step = time.perf_counter(), state.step
@@ -188,6 +200,10 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
                     w.board.progress.remote({**w.last_logged, "step": state.step, "total": total_steps,
                                              "start_step": start_step, "elapsed": time.perf_counter() - started})
                 window.update(t=time.perf_counter(), steps=0, loss=0.0, grad_norm=0.0)
+            if periodic is not None and periodic.due(state.step):
+                seconds = periodic(state.ema if state.ema is not None else state.model, state.step, w.logger,
+                                   w.board if w.rank == 0 else None)
+                window["t"] += seconds  # images/s stays the training throughput
             if state.step % every_ckpt == 0 or state.step == total_steps:
                 report(w, {"step": state.step, "loss": m["loss"]}, state, epoch=epoch)
             if state.step >= total_steps:
@@ -220,11 +236,16 @@ def train_loop_per_worker(config: dict) -> None:
         start_from(state, config.get("init_from"))
     state.extra["mlflow_run_id"] = config["mlflow_run_id"]
     start_logging(w, config, state, resumed, backlog)
+    monitor = None
+    if w.nodes.index(w.nodes[w.rank]) == w.rank:  # one per Ray node: its first rank
+        monitor = start_system_metrics(w.cfg.tracking.system_metrics_interval, config["tracking_uri"],
+                                       config["mlflow_run_id"], w.nodes[w.rank])
 
-    train(w, state, train_set, steps_per_epoch, total_steps)
+    fid = FIDContext(w.cfg, w.plan, w.storage, w.rank, w.world, w.device)  # built on first use
+    periodic = start_periodic(w.cfg, w.plan, w.device, w.rank, w.world, fid)
+    train(w, state, train_set, steps_per_epoch, total_steps, periodic)
 
     model = state.ema if state.ema is not None else state.model
-    fid = FIDContext(w.cfg, w.plan, w.storage, w.rank, w.world, w.device)
     settings = config.get("evaluations") or []
     # with sample-time settings the run itself keeps the one thing they share, held-out BPD
     final = evaluate_model(model, w.cfg, w.cfg.eval, w.plan, w.device, w.rank, w.world, w.logger, fid,
@@ -235,6 +256,8 @@ def train_loop_per_worker(config: dict) -> None:
     evaluated = evaluate_settings(model, w.cfg, w.plan, settings, state.step, w.device, w.rank, w.world,
                                   config["tracking_uri"], fid)
     pending = finish_tracking(w, final, evaluated, state.step)
+    if monitor is not None:
+        monitor.finish()
     # the loss too, since a sweep's scheduler needs its metric in every report
     ray.train.report({"step": state.step, "loss": float(state.extra.get("last_loss", "nan")), **final,
                       "tracking_pending": pending})

@@ -18,6 +18,13 @@ from .plan import RunPlan
 from .storage import RunStorage
 from .train_loop import train_loop_per_worker
 
+VERBOSE = False  # Ray Train's own INFO lines (worker group, every report, every checkpoint); errors always show
+
+
+def set_verbose(verbose: bool) -> None:
+    global VERBOSE
+    VERBOSE = bool(verbose)
+
 
 def ray_address(cfg) -> str:
     return cfg.cluster.address or os.environ.get("RAY_ADDRESS") or "local"
@@ -78,7 +85,7 @@ def build_trainer(plan: RunPlan, storage: RunStorage, tracking_uri: str, mlflow_
                            "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url},
                            "resolved_config": redacted(cfg), "resume_from": resume_from, "board": board,
                            "init_from": init_from,
-                           "evaluations": list(evaluations)},
+                           "evaluations": list(evaluations), "verbose": VERBOSE},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=run_config(cfg, storage, plan.run_name, cfg.cluster.max_failures, callbacks),
@@ -89,7 +96,7 @@ def build_evaluator(cfg, storage: RunStorage, tracking_uri: str, jobs: list[dict
     """Evaluate finished runs from their final checkpoints on cfg's workers; nothing is trained."""
     return TorchTrainer(
         evaluate_checkpoints_per_worker,
-        train_loop_config={"jobs": jobs, "tracking_uri": tracking_uri,
+        train_loop_config={"jobs": jobs, "tracking_uri": tracking_uri, "verbose": VERBOSE,
                            "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url}},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
@@ -117,4 +124,6 @@ def run_config(cfg, storage: RunStorage, name: str, max_failures: int, callbacks
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=max_failures),
         callbacks=list(callbacks),
+        # the driver prints one progress line per log interval (progress.py) instead
+        logging_config=ray.train.LoggingConfig(log_level="INFO" if VERBOSE else "WARNING"),
     )

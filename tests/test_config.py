@@ -187,3 +187,15 @@ def test_activation_checkpointing_costs_its_recompute():
     assert estimate_cost(plan_run(compose_experiment(TABLE2, [*measured, "train.activation_checkpointing=true"]),
                                   require_data=False)).hours_per_run == pytest.approx(
         estimate_cost(plan_run(compose_experiment(TABLE2, measured), require_data=False)).hours_per_run)
+
+
+@pytest.mark.parametrize("override", ["eval.every_steps=100", "eval.periodic_val_images=64", "eval.periodic_samples=4",
+                                      "eval.periodic_fid_samples=32", "tracking.system_metrics_interval=null"])
+def test_what_is_watched_during_training_changes_neither_the_run_nor_its_evaluation(override):
+    assert config_hash(cfg(override)) == config_hash(cfg())
+    assert evaluation_key(cfg(override)) == evaluation_key(cfg())  # a finished run is not evaluated again
+
+
+def test_a_periodic_fid_of_one_sample_is_refused():
+    with pytest.raises(ExperimentError, match="eval.periodic_fid_samples=1 is out of range"):
+        cfg("eval.periodic_fid_samples=1")

@@ -20,7 +20,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE2 = str(ROOT / "experiments" / "table2.yaml")
-TEST = ["scale=test", "train.steps=10", "train.log_every=2", "cluster.num_workers=1"]
+TEST = ["scale=test", "train.steps=10", "train.log_every=2", "cluster.num_workers=1",
+        # periodic evaluation at steps 5 and 10 (the image slider), system metrics every second
+        "eval.every_steps=5", "eval.periodic_val_images=16", "eval.periodic_samples=4",
+        "tracking.system_metrics_interval=1"]
 RUN_NAME = "table2/4-64-2-2/uniform"
 CHROMIUM = os.environ.get("TARFLOW_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("TARFLOW_CHROMEDRIVER", shutil.which("chromedriver") or "/usr/bin/chromedriver")
@@ -36,6 +39,7 @@ from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
@@ -56,7 +60,10 @@ def tracked_experiment(tmp_path_factory):
                                  filter_string=f"attributes.run_name = '{RUN_NAME}'")[0]
         with Image.open(client.download_artifacts(run.info.run_id, "samples/samples.png", str(work))) as grid:
             size = grid.size
-        yield {"url": server.url, "samples_size": size}
+        table = client.search_runs([run.info.experiment_id], filter_string="attributes.run_name = 'table2/table'")[0]
+        yield {"url": server.url, "samples_size": size, "experiment_id": run.info.experiment_id,
+               "run_id": run.info.run_id, "table_run_id": table.info.run_id,
+               "system": sorted(k for k in run.data.metrics if k.startswith("system/"))}
     finally:
         server.stop()
 
@@ -140,7 +147,8 @@ def test_mlflow_ui_shows_the_run_its_metric_charts_and_samples(tracked_experimen
     wait_for_text(d, RUN_NAME, "Metrics", "bpd", "loss", "Parameters", "model.arch", "4-64-2-2")
     screenshot(d, tmp_path, "mlflow-run")
 
-    # metric charts by step
+    # metric charts by step (drawn as they come into view; the periodic section comes first: a taller window)
+    d.set_window_size(1600, 2600)
     click(d, by_text("Model metrics"))
     wait_for_text(d, "bpd", "loss", "grad_norm", "Step", f"{RUN_NAME} (loss)")
     assert d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot, canvas, svg.main-svg"), "no chart drawn"
@@ -162,4 +170,58 @@ def test_mlflow_ui_shows_the_run_its_metric_charts_and_samples(tracked_experimen
     except WebDriverException:
         raise AssertionError(f"no {width}x{height} preview of samples.png; images: {d.execute_script(shown)}") from None
     screenshot(d, tmp_path, "mlflow-samples")
+    print(f"UI walk-through in {time.time() - started:.1f}s; screenshots in {tmp_path}")
+
+
+def scroll_everything_down(driver, times=4):
+    """The run page draws its chart cards lazily, as they scroll into view."""
+    for _ in range(times):
+        driver.execute_script("document.querySelectorAll('*').forEach(e => {"
+                              " if (e.scrollHeight > e.clientHeight + 50) e.scrollTop = e.scrollHeight; })")
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_mlflow_ui_plays_the_sample_grids_and_shows_system_metrics_and_the_table(tracked_experiment, browser,
+                                                                                 tmp_path):
+    d, t = browser, tracked_experiment
+    run_page = f"{t['url']}/#/experiments/{t['experiment_id']}/runs"
+    started = time.time()
+
+    # Model metrics: the periodic curves, and the time-stepped sample grids with a step slider over 5 and 10
+    d.set_window_size(1600, 2600)
+    d.get(f"{run_page}/{t['run_id']}/model-metrics")
+    wait_for_text(d, "periodic", f"{RUN_NAME} (periodic/bpd)")
+    scroll_everything_down(d)
+    wait_for_text(d, "samples")
+    (slider,) = [s for s in d.find_elements(By.CSS_SELECTOR, "[role=slider]") if s.is_displayed()]
+    assert (slider.get_attribute("aria-valuemin"), slider.get_attribute("aria-valuemax")) == ("5", "10")
+    shown = ("return Array.from(document.images).filter(i => i.src.includes('get-artifact') && i.naturalWidth > 0)"
+             ".map(i => decodeURIComponent(i.src).split('+step+')[1].split('+')[0])")
+    steps = []
+    slider.click()
+    for _ in range(2):  # the slider opens at step 0; each arrow moves to the next logged step
+        slider.send_keys(Keys.ARROW_RIGHT)
+        step = slider.get_attribute("aria-valuenow")
+        WebDriverWait(d, WAIT_S, poll_frequency=0.5).until(lambda x: step in x.execute_script(shown))
+        steps.append(step)
+    assert steps == ["5", "10"], steps
+    screenshot(d, tmp_path, "mlflow-image-slider")
+
+    # System metrics: a chart per metric of the node, named system/<node>/...
+    assert any(k.endswith("/cpu_utilization_percentage") for k in t["system"]), t["system"]
+    node = t["system"][0].split("/")[1]
+    d.get(f"{run_page}/{t['run_id']}/system-metrics")
+    wait_for_text(d, f"system/{node}", f"{RUN_NAME} (system/{node}/cpu_utilization_percentage)")
+    assert d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot, canvas, svg.main-svg"), "no chart drawn"
+    screenshot(d, tmp_path, "mlflow-system-metrics")
+
+    # the paper's table, logged as an MLflow table: the artifact view draws it as a table
+    d.get(f"{run_page}/{t['table_run_id']}/artifacts")
+    click(d, by_text("table"))
+    click(d, by_text("table.json"))
+    wait_for_text(d, "table/table.json", "View as table", "TarFlow (ours)", "Flow++")
+    headers = [h.text for h in d.find_elements(By.CSS_SELECTOR, "[role=columnheader], th") if h.text]
+    assert {"model", "metric", "paper", "ours"} <= set(headers), headers
+    screenshot(d, tmp_path, "mlflow-table")
     print(f"UI walk-through in {time.time() - started:.1f}s; screenshots in {tmp_path}")

@@ -17,6 +17,9 @@ from orchestrator.run import main
 
 TABLE2 = str(EXPERIMENTS / "table2.yaml")
 TEST = ["scale=test"]
+# periodic evaluation every 10 steps (small), system metrics every second
+WATCHED = ["eval.every_steps=10", "eval.periodic_val_images=32", "eval.periodic_samples=4",
+           "tracking.system_metrics_interval=1"]
 
 
 def cli(args, cwd, timeout=600, **env):
@@ -118,8 +121,8 @@ def test_end_to_end_on_a_multinode_cluster_with_s3_and_mlflow(tmp_path, ray_clus
     bucket = s3_server.make_bucket("ckpt")
     data = f"s3://{bucket}/prepared/fashion"
     prepare_fashion(data, s3_server.endpoint_url, ray_cluster, 512, 16, "--fit", "resize")
-    args = [TABLE2, *TEST, "train.log_every=5", "data.name=prepared", f"data.root={data}", "data.fit=pad",
-            f"data.cache_dir={tmp_path / 'node-cache'}", f"cluster.address={ray_cluster}",
+    args = [TABLE2, *TEST, "train.log_every=5", *WATCHED, "data.name=prepared", f"data.root={data}",
+            "data.fit=pad", f"data.cache_dir={tmp_path / 'node-cache'}", f"cluster.address={ray_cluster}",
             f"storage.uri=s3://{bucket}/runs", f"storage.endpoint_url={s3_server.endpoint_url}",
             f"tracking.uri={mlflow_server}"]
     r = cli(args, tmp_path)
@@ -134,13 +137,27 @@ def test_end_to_end_on_a_multinode_cluster_with_s3_and_mlflow(tmp_path, ray_clus
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "table2/4-64-2-2/uniform"
     assert steps_of(client, run.info.run_id, "loss") == [5, 10, 15, 20, 25, 30]
-    progress = [line for line in r.stdout.splitlines() if line.startswith("[table2/4-64-2-2/uniform] step ")]
+    progress = [line for line in r.stdout.splitlines()
+                if line.startswith("[table2/4-64-2-2/uniform] step ") and " evaluation: " not in line]
     assert [line.split()[2] for line in progress] == ["5/30", "10/30", "15/30", "20/30", "25/30", "30/30"], r.stdout
     assert all(" img/s  elapsed " in line and " eta " in line for line in progress)
     assert 0 < run.data.metrics["bpd"] < 10 and run.data.metrics["images_per_sec"] > 0
     assert run.data.params["model.arch"] == "4-64-2-2" and run.data.params["train.noise"] == "uniform"
     assert run.data.params["data.name"] == "prepared"
     assert run.data.tags["ray.num_nodes"] == "2"  # the two ranks ran on different Ray nodes
+    # what is watched: periodic evaluation (both ranks), system metrics of each node, the data set, a quiet terminal
+    assert steps_of(client, run.info.run_id, "periodic/bpd") == [10, 20, 30]
+    assert f"[{run.info.run_name}] step 20 evaluation: bpd " in r.stdout
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [10, 20, 30]
+    nodes = set(run.data.tags["ray.worker_nodes"].split(","))
+    assert {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")} == nodes
+    assert all(f"system/{n}/cpu_utilization_percentage" in run.data.metrics for n in nodes)
+    (data,) = run.inputs.dataset_inputs
+    assert data.dataset.name == "fashion_mnist" and len(data.dataset.digest) == 16
+    assert "Reporting training result" not in r.stdout + r.stderr and "Checkpoint successfully" not in r.stderr
+    assert f"[summary] MLflow       {mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" \
+        in r.stdout
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/samples.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {"config/resolved.json"}
@@ -167,7 +184,8 @@ def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, 
     exp = "resume-" + str(time.time_ns())
     args = [TABLE2, *TEST, "model.arch=4-128-2-2", "train.steps=400", "train.checkpoint_every=50",
             "train.log_every=10", f"experiment.name={exp}", f"cluster.address={ray_cluster}",
-            f"tracking.uri={mlflow_server}", "storage.async_upload=false"]
+            f"tracking.uri={mlflow_server}", "storage.async_upload=false",
+            "eval.every_steps=50", "eval.periodic_val_images=32", "eval.periodic_samples=4"]
 
     def wait_for_step(step, proc, timeout=240):
         deadline = time.time() + timeout
@@ -204,6 +222,10 @@ def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, 
     assert loss_steps == list(range(10, 401, 10))  # the planned steps, none twice, none missing
     resumed = steps_of(client, run_id, "resumed_from_step")
     assert len(resumed) == 2 and all(s % 50 == 0 and s > 0 for s in resumed), resumed
+    # periodic evaluations at every multiple of 50 (checkpoints are at multiples of 50 too), none twice
+    assert steps_of(client, run_id, "periodic/bpd") == list(range(50, 401, 50))
+    images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == list(range(50, 401, 50))
     assert "bpd" in runs[0].data.metrics
 
 

@@ -1,6 +1,7 @@
 """Sweeps through `python -m orchestrator.run`: Tune trials of Ray Train runs, ASHA, sample-time axes,
 nested MLflow runs, the results table, and resuming an interrupted sweep."""
 
+import json
 import os
 import signal
 import subprocess
@@ -158,3 +159,15 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
             assert rows["bpd"].tolist() == pytest.approx([t.data.metrics["bpd"]] * 2)
     assert "Best (min bpd)" in r.stdout
     assert parents[0].data.tags["tarflow.best_run"] in {t.info.run_id for t in finished}
+
+    # what the UI needs to compare trials (charts, parallel coordinates): every trial has its params and metrics,
+    # and the parent's results are an MLflow table
+    assert all(t.data.params["model.patch_size"] in ("2", "4") and "loss" in t.data.metrics for t in trials)
+    assert json.loads(parents[0].data.tags["mlflow.loggedArtifacts"]) == [{"path": "sweep/results.json",
+                                                                          "type": "table"}]
+    # the terminal: a line per trial event instead of Tune's status tables and Ray Train's per-report lines
+    events = [line for line in r.stdout.splitlines() if line.startswith("[sweep] trial ")]
+    assert any(line.endswith(" started") for line in events), r.stdout[-3000:]
+    assert any(" reported step " in line for line in events), r.stdout[-3000:]
+    assert any(" finished: " in line or " stopped early " in line for line in events), r.stdout[-3000:]
+    assert "Trial status:" not in r.stdout and "Reporting training result" not in r.stdout + r.stderr
