@@ -85,7 +85,8 @@ class RunStorage:
         import boto3
         import botocore.config
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, config=botocore.config.Config(
+        # a session of its own: boto3's default one keeps the first credentials it found for the process
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=botocore.config.Config(
             connect_timeout=3, read_timeout=10, retries={"max_attempts": retries}))
 
     def _s3_key(self, relpath: str) -> tuple[str, str]:

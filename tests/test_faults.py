@@ -1,6 +1,6 @@
-"""A long run survives its faults, injected for real: the MLflow server killed mid-run (and back, or not), a
-storage wiped under a tracked run, an S3 server gone for good. (A lost worker, a killed driver, a second
-launch and a corrupt checkpoint are in test_run.py.)"""
+"""A long run survives its faults, injected for real: the MLflow server killed mid-run (and back, or not), an
+S3 server gone for good. (A lost worker, a killed driver, a second launch, a corrupt checkpoint and a wiped
+storage are in test_run.py.)"""
 
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import EXPERIMENTS, run_main, run_module
+from conftest import EXPERIMENTS, run_main
 from devservers import create_bucket, s3_client, start_mlflow_server, start_s3_server
 from mlflow.tracking import MlflowClient
 
@@ -106,31 +106,6 @@ def test_mlflow_outage_never_stalls_training_and_every_step_arrives_once(tmp_pat
         assert not json.loads((run_dir / "result.json").read_text())["tracking_behind"]
     finally:
         server.stop()
-
-
-def test_a_tracked_run_without_its_checkpoints_starts_afresh(tmp_path):
-    """Storage is the record of progress: a wiped storage retrains into a new MLflow run, and the stale one
-    (found by the same config hash) no longer stands for it anywhere."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [TABLE2, *TEST, "train.steps=10", f"tracking.uri={uri}", "experiment.name=stale"]
-    assert run_module("run", args, tmp_path).returncode == 0
-    client = MlflowClient(uri)
-    (old,) = training_run(client, "stale")
-    run_dir = next((tmp_path / "runs").glob("stale-*"))
-    subprocess.run(["rm", "-r", str(run_dir)], check=True)
-
-    r = run_module("run", [*args, "train.seed=0"], tmp_path)  # the same config (seed 0 is the default)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"MLflow run {old.info.run_id} of this config has no checkpoint" in r.stdout
-    runs = training_run(client, "stale")
-    new = next(x for x in runs if x.info.run_id != old.info.run_id)
-    assert client.get_run(old.info.run_id).data.tags["tarflow.superseded_by"] == new.info.run_id
-    assert loss_steps(client, new.info.run_id) == [10]
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["mlflow_run_id"] == new.info.run_id
-    assert result["metrics"]["bpd"] == pytest.approx(new.data.metrics["bpd"])
-    table = (tmp_path / "runs" / "tables" / "stale" / "table.csv").read_text()
-    assert new.info.run_id in table and old.info.run_id not in table
 
 
 def test_storage_gone_for_good_ends_in_one_paragraph(tmp_path):

@@ -242,7 +242,8 @@ def test_local_stack_submit_resume_and_down(local_stack):
     job_id = r.stdout.split("submitted ", 1)[1].split()[0]
     logs = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", job_id, "--address", address],
                           capture_output=True, text=True, timeout=120, env=env)
-    assert "already finished; not retraining" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
+    assert "already finished and evaluated with these settings; not retraining" in logs.stdout, \
+        logs.stdout[-3000:] + logs.stderr[-2000:]
     assert s3.head_object(Bucket="tarflow", Key=f"runs/{run_name}/result.json")["LastModified"] == result_before
     assert len([x for x in client.search_runs([train[0].info.experiment_id])
                 if x.data.tags.get("tarflow.kind") == "run"]) == 1

@@ -7,13 +7,12 @@ Screenshots go to the test's tmp dir, and also to $TARFLOW_UI_SCREENSHOTS if set
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 from devservers import start_mlflow_server
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -44,16 +43,15 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tracked_experiment(tmp_path_factory):
+def tracked_experiment(tmp_path_factory, local_ray):
     """A tiny Table 2 run, tracked in an `mlflow server` of its own (so 'table2' holds just this run), trained
-    on the default local Ray that the command starts."""
+    in this process on the session's Ray."""
+    from orchestrator.run import main
+
     work = tmp_path_factory.mktemp("ui")
     server = start_mlflow_server(work / "mlflow")
     try:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
-        env.pop("RAY_ADDRESS", None)
-        r = subprocess.run([sys.executable, "-m", "orchestrator.run", TABLE2, *TEST], cwd=work, env=env,
-                           capture_output=True, text=True, timeout=600)
+        r = run_main(main, [TABLE2, *TEST, f"tracking.uri={server.url}"], work)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         client = MlflowClient(server.url)
         run = client.search_runs([client.get_experiment_by_name("table2").experiment_id],

@@ -1,7 +1,9 @@
 """The orchestrated run, driven the way users drive it: `python -m orchestrator.run ...` against real
 services (S3-compatible server, `mlflow server`, a multi-node Ray cluster) started on 127.0.0.1."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,9 +232,16 @@ def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, 
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoint_is_refused_at_once_and_set_aside_on_request(tmp_path, ray_cluster):
-    args = [TABLE2, *TEST, "train.steps=20", "eval.bpd=false", "eval.num_samples=0", f"cluster.address={ray_cluster}",
-            "cluster.max_failures=3", "storage.uri=store", "experiment.name=corrupt", "cluster.num_workers=1"]
+def test_storage_is_the_record_of_truth_corrupt_checkpoints_and_wiped_runs(tmp_path, local_ray):
+    """A corrupt checkpoint is refused at once and set aside on request; a tracked run whose storage was
+    wiped starts afresh in a new MLflow run (the stale one, found by the same config hash, is superseded)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [TABLE2, *TEST, "train.steps=20", "eval.num_samples=0", "cluster.max_failures=3", "storage.uri=store",
+            "experiment.name=corrupt", "cluster.num_workers=1", f"tracking.uri={uri}"]
+
+    def cli(args, cwd):  # in this process, on the session's Ray: a CLI's own process is tested above
+        return run_main(main, args, cwd)
+
     r = cli(args, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_dir = next((tmp_path / "store").glob("corrupt-*"))
@@ -259,33 +268,20 @@ def test_corrupt_checkpoint_is_refused_at_once_and_set_aside_on_request(tmp_path
     assert (kept / "state.pt").stat().st_size == 1000  # kept as it was, for a post-mortem
     assert (run_dir / "result.json").is_file()
     assert (run_dir / "checkpoint_00000020" / "state.pt").stat().st_size > 1000  # trained again from step 10
-    assert cli(args, tmp_path).returncode == 0  # and a finished run again
+    client, (old,) = runs_of(uri, "corrupt")
+    assert steps_of(client, old.info.run_id, "resumed_from_step") == [10]
 
-
-@pytest.mark.slow
-def test_new_eval_settings_of_a_finished_run_are_evaluated_on_its_checkpoint_not_retrained(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [TABLE2, *TEST, "train.steps=10", "eval.bpd=false", "cluster.num_workers=1", f"tracking.uri={uri}",
-            "experiment.name=reeval"]
-    assert cli(args, tmp_path).returncode == 0
-    client, runs = runs_of(uri, "reeval")
-    (train,) = runs
-    assert "bpd" not in train.data.metrics
-    loss_steps = steps_of(client, train.info.run_id, "loss")
-
-    r = cli([*args, "eval.bpd=true"], tmp_path)  # "I forgot BPD": evaluated on the final checkpoint
+    # storage wiped under a tracked run: a new MLflow run, the stale one superseded everywhere
+    shutil.rmtree(run_dir)
+    r = cli(args, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "evaluating the new eval settings on its final checkpoint checkpoint_00000010" in r.stdout
-    exp = client.get_experiment_by_name("reeval")
-    evals = [x for x in client.search_runs([exp.experiment_id]) if x.data.tags.get("tarflow.kind") == "evaluation"]
-    assert len(evals) == 1 and evals[0].data.tags["mlflow.parentRunId"] == train.info.run_id
-    assert evals[0].info.status == "FINISHED" and 0 < evals[0].data.metrics["bpd"] < 10
-    assert [a.path for a in client.list_artifacts(evals[0].info.run_id, "samples")] == ["samples/samples.png"]
-    assert steps_of(client, train.info.run_id, "loss") == loss_steps  # nothing retrained
-    assert "| TarFlow (ours)" in r.stdout and f"{evals[0].data.metrics['bpd']:.4g}" in r.stdout
-
-    for extra in (["eval.bpd=true"], []):  # both settings are done now: nothing runs again
-        r = cli([*args, *extra], tmp_path)
-        assert r.returncode == 0 and "already finished and evaluated with these settings" in r.stdout
-    assert len([x for x in client.search_runs([exp.experiment_id])
-                if x.data.tags.get("tarflow.kind") == "evaluation"]) == 1
+    assert f"MLflow run {old.info.run_id} of this config has no checkpoint" in r.stdout
+    client, runs = runs_of(uri, "corrupt")
+    (new,) = [x for x in runs if x.info.run_id != old.info.run_id]
+    assert client.get_run(old.info.run_id).data.tags["tarflow.superseded_by"] == new.info.run_id
+    assert steps_of(client, new.info.run_id, "loss") == [10, 20]  # logged afresh, not swallowed by the old run
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["mlflow_run_id"] == new.info.run_id and result["metrics"]["bpd"] == pytest.approx(
+        new.data.metrics["bpd"])
+    table = (tmp_path / "store" / "tables" / "corrupt" / "table.csv").read_text()
+    assert new.info.run_id in table and old.info.run_id not in table

@@ -1,7 +1,6 @@
 """Sampling as a job of its own (python -m orchestrator.sample) and weights from elsewhere (model.init_from):
 the authors' layout, the released-model experiment, reproducible samples whatever the number of workers."""
 
-import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import tarflow
 from orchestrator.config import compose_experiment
 from orchestrator.errors import ExperimentError
 from orchestrator.plan import config_hash, plan_run
+from orchestrator.run import main as run_main_
 from orchestrator.sample import main as sample_main
 from orchestrator.storage import RunStorage
 from orchestrator.weights import check_weights, find_weights
@@ -54,12 +54,12 @@ def test_weights_of_another_shape_are_named_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_released_model_evaluated_into_the_table_then_sampled_reproducibly(tmp_path):
+def test_released_model_evaluated_into_the_table_then_sampled_reproducibly(tmp_path, local_ray):
     pth = tmp_path / "afhq_model_8_768_8_8_0.07.pth"
     authors_checkpoint(pth)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [RELEASED, *TEST, f"model.init_from={pth}", f"tracking.uri={uri}"]
-    r = run_module("run", args, tmp_path)
+    r = run_main(run_main_, args, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("afhq256")  # the AFHQ table's experiment
@@ -70,10 +70,10 @@ def test_released_model_evaluated_into_the_table_then_sampled_reproducibly(tmp_p
     run_dir = next((tmp_path / "runs").glob("afhq256-*"))
     assert (run_dir / "checkpoint_00000000" / "state.pt").is_file()  # the given weights, as the run's checkpoint
 
-    # many samples of that run: 2 workers, then 1 — the same samples
+    # many samples of that run, on 2 workers
     sample_args = [run_dir.name, "sample.num_samples=10", "sample.batch_size=4", "sample.grid=9",
                    f"tracking.uri={uri}", "cluster.num_workers=2"]
-    r = run_module("sample", sample_args, tmp_path)
+    r = run_module("sample", sample_args, tmp_path)  # as users run it: its own process and Ray
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (out,) = (run_dir / "samples").iterdir()
     with np.load(out / "samples.npz") as z:
@@ -88,16 +88,15 @@ def test_released_model_evaluated_into_the_table_then_sampled_reproducibly(tmp_p
 
     r = run_main(sample_main, sample_args, tmp_path)  # the same settings again: done, skipped
     assert r.returncode == 0 and "already drawn with these settings" in r.stdout
-    shutil.rmtree(out)
-    r = run_module("sample", [*sample_args[:-1], "cluster.num_workers=1"], tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    with np.load(out / "samples.npz") as z:
-        assert np.array_equal(z["arr_0"], two_workers)
 
-    # the authors' file itself, with the experiment's settings: a run of its own
-    r = run_module("sample", [RELEASED, *TEST, "--reference-checkpoint", pth, "sample.num_samples=4",
-                              "sample.classes=[2]", f"tracking.uri={uri}"], tmp_path)
+    # the same weights as a checkpoint file, on 1 worker, with the experiment's settings: a run of its own,
+    # and the same samples (a class list that cycles as the balanced labels do)
+    r = run_main(sample_main, [RELEASED, *TEST, "--reference-checkpoint", run_dir / "checkpoint_00000000" / "state.pt",
+                               "sample.num_samples=10", "sample.batch_size=4", "sample.grid=0",
+                               "sample.classes=[0,1,2,3,4,5,6,7,8,9]", f"tracking.uri={uri}", f"model.init_from={pth}"],
+                 tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (out,) = (tmp_path / "runs" / "samples").iterdir()
     with np.load(out / "samples.npz") as z:
-        assert z["arr_1"].tolist() == [2, 2, 2, 2]
+        assert np.array_equal(z["arr_0"], two_workers) and z["arr_1"].tolist() == labels.tolist()
+    assert not (out / "grid.png").exists()

@@ -10,7 +10,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import EXPERIMENTS, run_main, run_module
+from conftest import EXPERIMENTS, run_main
 from mlflow.tracking import MlflowClient
 
 from orchestrator.run import main
@@ -95,10 +95,11 @@ def test_every_experiment_logs_its_params_to_mlflow(tmp_path, scale):
 
 
 @pytest.mark.slow
-def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
+def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server, local_ray):
     exp = f"sweep-{time.time_ns()}"
+    # two trials (patch 2 and 4) of one layer per block, so one finishes before the driver is killed
     args = [ASHA_SWEEP, *TEST, "train.steps=60", f"experiment.name={exp}", f"tracking.uri={mlflow_server}",
-            "cluster.num_cpus=2"]
+            "cluster.num_cpus=2", "sweep.train_axes={model.patch_size: [2, 4], model.layers_per_block: [1]}"]
 
     # start, wait until one trial has finished, then kill the driver
     log = (tmp_path / "first.log").open("w")
@@ -118,7 +119,7 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
     first_steps = {r.info.run_id: [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
                    for r in finished_first}
 
-    r = run_module("run", args, tmp_path)  # the same command continues the sweep
+    r = run_main(main, args, tmp_path)  # the same command continues the sweep (here in-process)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     assert "continuing" in r.stdout
 
@@ -127,9 +128,9 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
     trials = [x for x in runs if x.data.tags.get("tarflow.trial")]
     evals = [x for x in runs if x.data.tags.get("tarflow.kind") == "evaluation"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(trials) == 4  # one MLflow run per trial, none duplicated by the restart
+    assert len(trials) == 2  # one MLflow run per trial, none duplicated by the restart
     assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
-    assert len(evals) == 8 and all(e.data.tags["mlflow.parentRunId"] in {t.info.run_id for t in trials} for e in evals)
+    assert len(evals) == 4 and all(e.data.tags["mlflow.parentRunId"] in {t.info.run_id for t in trials} for e in evals)
     for t in trials:
         assert t.info.status in ("FINISHED", "KILLED")
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "loss")]
@@ -150,7 +151,7 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server):
     # the results table logged to the parent run matches MLflow
     path = client.download_artifacts(parents[0].info.run_id, "sweep/results.csv", str(tmp_path))
     table = pd.read_csv(path)
-    assert len(table) == 8
+    assert len(table) == 4
     for t in trials:
         rows = table[table["run_id"] == t.info.run_id]
         assert len(rows) == 2

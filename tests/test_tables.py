@@ -5,16 +5,20 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import EXPERIMENTS, run_module
+from conftest import EXPERIMENTS, run_main
 from mlflow.tracking import MlflowClient
 
+from orchestrator.report import main as report_cli
+from orchestrator.run import main as run_cli
 from orchestrator.tables import build_table, check_claims
 
 TEST = ["scale=test", "train.steps=20"]
+COMMANDS = {"orchestrator.run": run_cli, "orchestrator.report": report_cli}
 
 
-def cli(module, args, cwd, timeout=900):
-    return run_module(module.split(".")[-1], args, cwd, timeout)
+def cli(module, args, cwd):
+    """In this process, on the session's Ray (the CLI's own process is tested in test_run.py)."""
+    return run_main(COMMANDS[module], args, cwd)
 
 
 def test_table_rows_deltas_and_claims():
@@ -40,7 +44,7 @@ def test_table_rows_deltas_and_claims():
 
 
 @pytest.mark.slow
-def test_fid_table_end_to_end_and_report_rebuild(tmp_path, mlflow_server):
+def test_fid_table_end_to_end_report_rebuild_and_new_eval_settings(tmp_path, mlflow_server, local_ray):
     exp = f"t3-{time.time_ns()}"
     args = [str(EXPERIMENTS / "table3_imagenet64_cond.yaml"), *TEST, f"experiment.name={exp}",
             f"tracking.uri={mlflow_server}"]
@@ -58,9 +62,8 @@ def test_fid_table_end_to_end_and_report_rebuild(tmp_path, mlflow_server):
     assert len(stats) == 1 and stats[0].name.startswith("fid-ref-fashion_mnist-16px-")  # cached for the next run
 
     # rebuilt from MLflow alone: no training, the same numbers, one table run
-    r = cli("orchestrator.report", args, tmp_path, timeout=300)
+    r = cli("orchestrator.report", args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Started a local Ray" not in r.stdout + r.stderr
     csv = pd.read_csv(tmp_path / "runs" / "tables" / exp / "table.csv")
     ours = csv[csv["model"] == "TarFlow (ours)"]
     assert ours["ours"].tolist() == pytest.approx([fid])
@@ -71,13 +74,31 @@ def test_fid_table_end_to_end_and_report_rebuild(tmp_path, mlflow_server):
     assert {a.path for a in client.list_artifacts(tables[0].info.run_id, "table")} >= {
         "table/table.md", "table/table.csv", "table/table.tex"}
 
-    # the same command again: the cell is complete, nothing is retrained
-    r = cli("orchestrator.run", args, tmp_path)
-    assert r.returncode == 0 and "already finished" in r.stdout
+    # new eval settings of the finished run: evaluated on its final checkpoint in a nested run, not retrained
+    loss = [m.step for m in client.get_metric_history(train[0].info.run_id, "loss")]
+    r = cli("orchestrator.run", [*args, "eval.guidance=3.0"], tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "evaluating the new eval settings on its final checkpoint checkpoint_00000020" in r.stdout
+    runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    (again,) = [x for x in runs if x.data.tags.get("tarflow.kind") == "evaluation"]
+    assert again.data.tags["mlflow.parentRunId"] == train[0].info.run_id and again.info.status == "FINISHED"
+    assert again.data.params["eval.guidance"] == "3.0" and 0 < again.data.metrics["fid"] < 1000
+    assert [a.path for a in client.list_artifacts(again.info.run_id, "samples")] == ["samples/samples.png"]
+    assert [m.step for m in client.get_metric_history(train[0].info.run_id, "loss")] == loss  # nothing retrained
+    csv = pd.read_csv(tmp_path / "runs" / "tables" / exp / "table.csv")
+    assert sorted(csv[csv["model"] == "TarFlow (ours)"]["ours"]) == pytest.approx(sorted([fid, again.data.metrics[
+        "fid"]]))  # both settings are rows of the table
+
+    # both settings are done now: the same commands change nothing
+    for extra in ([], ["eval.guidance=3.0"]):
+        r = cli("orchestrator.run", [*args, *extra], tmp_path)
+        assert r.returncode == 0 and "already finished and evaluated with these settings" in r.stdout
+    runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    assert len([x for x in runs if x.data.tags.get("tarflow.kind") == "evaluation"]) == 1
 
 
 @pytest.mark.slow
-def test_guidance_figure_from_sample_time_sweep(tmp_path, mlflow_server):
+def test_guidance_figure_from_sample_time_sweep(tmp_path, mlflow_server, local_ray):
     exp = f"fig-{time.time_ns()}"
     args = [str(EXPERIMENTS / "fig_guidance.yaml"), *TEST, f"experiment.name={exp}",
             f"tracking.uri={mlflow_server}", "sweep.sample_axes={eval.guidance: [0.0, 2.0]}", "cluster.num_workers=1"]
