@@ -22,7 +22,9 @@ class RunBoard:
         self.lines.append(values)
 
     def persisted(self, path: str) -> None:
-        self.checkpoint = path
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if self.checkpoint is None or name > self.checkpoint.rstrip("/").rsplit("/", 1)[-1]:
+            self.checkpoint = path
 
     def drain(self) -> tuple[list[dict], str | None]:
         lines, self.lines = self.lines, []

@@ -77,9 +77,13 @@ def report(w: Worker, metrics: dict, state: tarflow.TrainState, **extra) -> None
     if w.logger:
         (tmp / BACKLOG_FILE).write_text(json.dumps(w.logger.queue.pending()))
     mode = ray.train.CheckpointUploadMode.ASYNC if w.cfg.storage.async_upload else ray.train.CheckpointUploadMode.SYNC
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                     checkpoint_dir_name=f"checkpoint_{state.step:08d}", checkpoint_upload_mode=mode,
-                     delete_local_checkpoint_after_upload=True)
+    name = f"checkpoint_{state.step:08d}"
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=name,
+                     checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+    if mode == ray.train.CheckpointUploadMode.SYNC and w.board is not None:
+        # uploaded when report returns: the driver knows it is safe even if Ray's record of it is lost with the
+        # storage (asynchronous uploads are told to the driver by Ray Train's controller, progress.py)
+        w.board.persisted.remote(name)
 
 
 def start_worker(config: dict) -> Worker:

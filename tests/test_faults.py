@@ -59,21 +59,23 @@ def test_mlflow_outage_never_stalls_training_and_every_step_arrives_once(tmp_pat
     client = MlflowClient(server.url)
     try:
         # 1. killed at step ~20 and back ~10 s later, while training goes on
-        args = [TABLE2, *TEST, "train.steps=120", "train.log_every=5", "train.checkpoint_every=40",
-                f"tracking.uri={secret_uri}", "experiment.name=outage"]
+        # a model and run long enough to go on well after the server is back (~1 min on a 2-core CPU)
+        args = [TABLE2, *TEST, "model.arch=4-128-2-2", "train.steps=600", "train.log_every=5",
+                "train.checkpoint_every=200", f"tracking.uri={secret_uri}", "experiment.name=outage"]
         log = tmp_path / "outage.log"
         proc = start(args, tmp_path, log)
         wait_for(lambda: training_run(client, "outage") and max(
             loss_steps(client, training_run(client, "outage")[0].info.run_id) or [0]) >= 20, proc, log)
         server.stop()
         down_at = time.time()
-        time.sleep(10)
+        time.sleep(5)
         server = start_mlflow_server(tmp_path / "mlflow", port=port)
+        assert proc.poll() is None, "the run ended during the outage: make it longer"
         code, out = finish(proc, log)
         assert code == 0, out[-4000:]
         assert out.count("is not answering") == 1 and out.count("is back after") == 1, out[-4000:]
         (run,) = training_run(client, "outage")
-        assert loss_steps(client, run.info.run_id) == list(range(5, 121, 5))  # in order, each once
+        assert loss_steps(client, run.info.run_id) == list(range(5, 601, 5))  # in order, each once
         assert run.info.status == "FINISHED"
         assert "s3cret" not in out and "s3cret" not in json.dumps(run.data.params)
         stored = next((tmp_path / "runs").glob("outage-*/config.yaml")).read_text()
@@ -81,7 +83,8 @@ def test_mlflow_outage_never_stalls_training_and_every_step_arrives_once(tmp_pat
         print(f"finished {time.time() - down_at:.0f} s after the server was killed")
 
         # 2. killed at step ~20 and still down at the end: training completes, MLflow catches up later
-        args = [*args[:-1], "experiment.name=outage-end"]
+        args = [TABLE2, *TEST, "train.steps=120", "train.log_every=5", "train.checkpoint_every=40",
+                f"tracking.uri={secret_uri}", "experiment.name=outage-end"]
         log = tmp_path / "outage-end.log"
         proc = start(args, tmp_path, log)
         wait_for(lambda: training_run(client, "outage-end") and max(

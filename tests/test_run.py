@@ -156,7 +156,7 @@ def test_end_to_end_on_a_multinode_cluster_with_s3_and_mlflow(tmp_path, ray_clus
     assert {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")} == nodes
     assert all(f"system/{n}/cpu_utilization_percentage" in run.data.metrics for n in nodes)
     (data,) = run.inputs.dataset_inputs
-    assert data.dataset.name == "fashion_mnist" and len(data.dataset.digest) == 16
+    assert data.dataset.name == "prepared" and len(data.dataset.digest) == 16
     assert "Reporting training result" not in r.stdout + r.stderr and "Checkpoint successfully" not in r.stderr
     assert f"[summary] MLflow       {mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" \
         in r.stdout
