@@ -234,19 +234,12 @@ def test_bad_sources_name_the_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """One local Ray instance for the module; started after the S3 server so its workers carry the S3
-    credentials, and with this checkout on PYTHONPATH so they import it."""
+def ray_local(local_ray):
+    """The session's local Ray instance (started after the S3 server, so its workers carry the S3
+    credentials); the CLI joins it by its address."""
     import ray
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", python_env()["PYTHONPATH"])
-        mp.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200_000_000)
-        try:
-            yield ray.get_runtime_context().gcs_address
-        finally:
-            ray.shutdown()
+    return ray.get_runtime_context().gcs_address
 
 
 def prepare(*args, **kw):
