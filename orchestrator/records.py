@@ -27,6 +27,7 @@ STOPPED_TAG = "tarflow.stopped_early"
 SUPERSEDED_TAG = "tarflow.superseded_by"  # a stale run of the same config, replaced by a fresh start
 BEST_RUN_TAG = "tarflow.best_run"
 BEST_OVERRIDES_TAG = "tarflow.best_overrides"
+BEST_TAG = "tarflow.best"              # the best trial and setting in words, with its value
 FAILURE_TAG = "tarflow.failure"      # why a run ended FAILED, in one paragraph
 STORAGE_TAG = "tarflow.storage"     # where a run's directory is: {"uri", "endpoint_url", "run_name"}, JSON
 SCALE_TAG = "scale"

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 from .config import redact_uri
 from .lifecycle import latest_checkpoint, read_result
 from .plan import RunPlan
-from .records import KIND_TAG, SWEEP, SWEEP_TAG
+from .records import BEST_TAG, KIND_TAG, SWEEP, SWEEP_TAG
 from .storage import RunStorage
 
 SHOWN = ("step", "loss", "bpd", "fid", "images_per_sec", "periodic/bpd", "periodic/fid", "periodic/share")
@@ -54,7 +54,7 @@ def run_summary(plan: RunPlan, storage: RunStorage, tracking_uri: str, sweep=Non
             [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep.name}' AND tags.`{KIND_TAG}` = '{SWEEP}'",
             max_results=1) if exp_id else []
         run_id = runs[0].info.run_id if runs else None
-        best = runs[0].data.tags.get("tarflow.best_overrides") if runs else None
+        best = runs[0].data.tags.get(BEST_TAG) if runs else None
         lines.append(f"[summary] {sweep.display_name}: best {best or '(none finished)'}; results table in the parent "
                      "run's artifacts (sweep/results.json, .md, .csv)")
         lines.append(f"[summary] checkpoints  {where}/<trial run>/ (one folder per trial)")

@@ -34,6 +34,7 @@ from .plan import RunPlan, plan_run, short_hash, storage_safe
 from .records import (
     BEST_OVERRIDES_TAG,
     BEST_RUN_TAG,
+    BEST_TAG,
     KIND_TAG,
     OVERRIDES_TAG,
     STOPPED_TAG,
@@ -312,7 +313,8 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
     if len(table):
         log_table(tracker.client, parent_id, table, "sweep/results.json")  # shown as a table in the UI
     if best is not None:
-        tracker.set_tags(parent_id, {BEST_RUN_TAG: best["run_id"], BEST_OVERRIDES_TAG: best["overrides"]})
+        tracker.set_tags(parent_id, {BEST_RUN_TAG: best["run_id"], BEST_OVERRIDES_TAG: best["overrides"],
+                                     BEST_TAG: describe_best(best)})
     tracker.finish(parent_id, "FINISHED")
     print(report, flush=True)
     return table
@@ -381,12 +383,18 @@ def best_trial(table: pd.DataFrame, metric: str, mode: str) -> dict | None:
             "value": float(row[metric])}
 
 
+def describe_best(best: dict) -> str:
+    """"patch_size=2 with guidance=1.0 -> 12.3 (MLflow run ...)": a sweep over sample-time settings alone has no
+    train-axis overrides, one without sample axes no setting."""
+    what = " with ".join(x for x in (best["overrides"], best["setting"]) if x) or "the base config"
+    return f"{what} -> {best['value']:.4g} (MLflow run {best['run_id']})"
+
+
 def table_markdown(table: pd.DataFrame, best: dict | None, metric: str, mode: str) -> str:
     shown = table.drop(columns=[c for c in ("run_id", "eval_run_id", "trial") if c in table])
     text = shown.to_markdown(index=False) if len(shown) else "(no trials)"
     if best:
-        text += (f"\n\nBest ({mode} {best['metric']}): {best['overrides']} with {best['setting']} -> "
-                 f"{best['value']:.4g} (MLflow run {best['run_id']})")
+        text += f"\n\nBest ({mode} {best['metric']}): {describe_best(best)}"
     return text
 
 

@@ -15,6 +15,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TARFLOW_TRACKING_DRAIN_S", "5")  # a run's end waits this long for a down MLflow
+# Ray Train's controller polls its workers every 2 s by default: each report and the end of a run wait for
+# the next poll (~5 s a run at test scale, where a run trains for one)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import itertools
 import uuid

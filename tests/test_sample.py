@@ -2,10 +2,13 @@
 the authors' layout, the released-model experiment, reproducible samples whatever the number of workers."""
 
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
-from conftest import EXPERIMENTS, run_main, run_module
+from conftest import EXPERIMENTS, run_main
 from mlflow.tracking import MlflowClient
 
 import tarflow
@@ -53,6 +56,15 @@ def test_weights_of_another_shape_are_named_before_any_work(tmp_path):
                                           ["scale=test", f"model.init_from={pth}"])) != config_hash(base)
 
 
+def test_the_command_names_a_run_that_is_not_there(tmp_path):
+    """`python -m orchestrator.sample` as users run it (the slow test below drives its main() in-process)."""
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.sample", "no-such-run"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {tmp_path / 'runs' / 'no-such-run'} is not a "
+                                                           "finished run (no result.json)"), proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_released_model_evaluated_into_the_table_then_sampled_reproducibly(tmp_path, local_ray):
     pth = tmp_path / "afhq_model_8_768_8_8_0.07.pth"
@@ -73,7 +85,7 @@ def test_released_model_evaluated_into_the_table_then_sampled_reproducibly(tmp_p
     # many samples of that run, on 2 workers
     sample_args = [run_dir.name, "sample.num_samples=10", "sample.batch_size=4", "sample.grid=9",
                    f"tracking.uri={uri}", "cluster.num_workers=2"]
-    r = run_module("sample", sample_args, tmp_path)  # as users run it: its own process and Ray
+    r = run_main(sample_main, sample_args, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (out,) = (run_dir / "samples").iterdir()
     with np.load(out / "samples.npz") as z:

@@ -115,6 +115,9 @@ def test_guidance_figure_from_sample_time_sweep(tmp_path, mlflow_server, local_r
     table = [x for x in runs if x.data.tags.get("tarflow.kind") == "table"][0]
     assert "table/figure.png" in {a.path for a in client.list_artifacts(table.info.run_id, "table")}
     assert "guidance (w=1) improves FID over no guidance: no data yet" in r.stdout  # w=1 was not swept here
+    best = min(evals, key=lambda e: e.data.metrics["fid"])
+    shown = f"guidance={best.data.params['eval.guidance']} -> "  # no train axes: the best is a setting
+    assert f"Best (min fid): {shown}" in r.stdout and f"[summary] {exp}/sweep: best {shown}" in r.stdout, r.stdout
     # the table lists the weights in the grid's order, under the plain run's name (its only trial)
     csv = pd.read_csv(tmp_path / "runs" / "tables" / exp / "table.csv")
     ours = csv[csv["model"] == "TarFlow (ours)"]
