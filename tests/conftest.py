@@ -161,10 +161,11 @@ def local_ray(s3_server):
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(s3_server):
     """A real multi-node Ray cluster on this machine: a head with no CPUs and two 1-CPU nodes, so the
     two training workers of a run land on different nodes. Yields its address for `cluster.address=`.
+    Module-scoped: idle, its processes would take CPU from every test after the module's.
 
     Started after the S3 server so that its nodes carry the S3 credentials in their environment, as
     the nodes of a real cluster do (credentials never travel in a job's config)."""

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.report import main as report_main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 TABLE2 = str(EXPERIMENTS / "table2.yaml")
 TEST = ["scale=test", "cluster.num_workers=1", "eval.num_samples=0"]

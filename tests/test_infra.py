@@ -190,6 +190,7 @@ def local_stack(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_local_stack_submit_resume_and_down(local_stack):
     stack = stack_module()
     state = stack.load_state(local_stack)

@@ -180,6 +180,7 @@ def test_end_to_end_on_a_multinode_cluster_with_s3_and_mlflow(tmp_path, ray_clus
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, ray_cluster, mlflow_server):
     import psutil
 

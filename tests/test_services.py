@@ -1,4 +1,7 @@
-"""Real S3 and MLflow servers on 127.0.0.1: they start, serve, enforce credentials and stop cleanly."""
+"""Real S3 and MLflow servers on 127.0.0.1: they start, serve, enforce credentials and stop cleanly.
+
+These are the dev servers every slow test stands on (infra/local/devservers.py); their own checks go with
+the local stack's, in the soak tier (-m soak)."""
 
 import os
 
@@ -6,7 +9,7 @@ import pytest
 from botocore.exceptions import ClientError
 from devservers import port_is_open, s3_client, seaweedfs_binary, start_mlflow_server, start_s3_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 
 # --------------------------------------------------------------------------- S3
