@@ -52,6 +52,11 @@ def heldout_bpd(model: tarflow.TarFlow, val: ImageDataset, batch_size: int, devi
     return (total[0] / total[1]).item()
 
 
+def training_noise_std(cfg) -> float | None:
+    """The σ the model was trained with (what denoising takes), or None for uniform dequantization noise."""
+    return cfg.train.noise_std if cfg.train.noise == "gaussian" else None
+
+
 def draw(model: tarflow.TarFlow, eval_cfg, noise_std: float | None, n: int, y: torch.Tensor | None,
          generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """n samples with the eval section's sampling knobs (guidance, annealing, attention temperature, denoising
@@ -234,7 +239,7 @@ def evaluate_model(model: tarflow.TarFlow, cfg: DictConfig, eval_cfg: DictConfig
     """Held-out BPD and FID on all ranks (each a share), the sample grid on rank 0 logged as an artifact.
     bpd/samples: whether to compute them here (a sweep's sample-time settings share one BPD)."""
     out = {}
-    noise_std = cfg.train.noise_std if cfg.train.noise == "gaussian" else None
+    noise_std = training_noise_std(cfg)
     if samples and eval_cfg.fid.enabled:
         extractor, reference = fid.parts()
         out["fid"] = sample_fid(model, eval_cfg, noise_std, reference, extractor, rank, world, device,
@@ -373,7 +378,7 @@ def sample_per_worker(config: dict) -> None:
     model.load_state_dict(ema if ema is not None else weights)
     model.to(device).eval()
     s = cfg.sample
-    noise_std = cfg.train.noise_std if cfg.train.noise == "gaussian" else None
+    noise_std = training_noise_std(cfg)
     fid = None
     if s.fid:
         plan.data = on_this_node(plan.data, cfg.storage.endpoint_url, cfg.data.cache_dir)

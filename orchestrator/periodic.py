@@ -38,7 +38,7 @@ import tarflow
 from tarflow.data import load_dataset
 from tarflow.likelihood import LOG_128
 
-from .evaluation import FIDContext, draw, sample_fid
+from .evaluation import FIDContext, draw, sample_fid, training_noise_std
 
 IMAGE_KEY = "samples"
 SEED = 20_241_206  # a fixed stream of its own, apart from the final evaluation's (train.seed based)
@@ -112,7 +112,7 @@ class PeriodicEvaluation:
 
         e, n = self.cfg.eval, self.cfg.eval.periodic_samples
         chunk, classes = e.sample_batch_size, self.model_config.num_classes
-        noise_std = self.cfg.train.noise_std if self.cfg.train.noise == "gaussian" else None
+        noise_std = training_noise_std(self.cfg)
         mine = []
         for j in range(self.rank, math.ceil(n / chunk), self.world):
             start = j * chunk
@@ -134,7 +134,7 @@ class PeriodicEvaluation:
 
     def small_fid(self, model: tarflow.TarFlow) -> float:
         eval_cfg = OmegaConf.merge(self.cfg.eval, {"fid": {"num_samples": self.cfg.eval.periodic_fid_samples}})
-        noise_std = self.cfg.train.noise_std if self.cfg.train.noise == "gaussian" else None
+        noise_std = training_noise_std(self.cfg)
         extractor, reference = self.fid.parts()  # built on first use, shared with the final evaluation
         return sample_fid(model, eval_cfg, noise_std, reference, extractor, self.rank, self.world, self.device,
                           seed=SEED)
