@@ -72,26 +72,15 @@ def yaml_error_paragraph(e: yaml.MarkedYAMLError, where: str) -> str:
     return f"{name}:{at}: YAML syntax error: {what}"
 
 
-def with_overrides(cfg: DictConfig, values: dict, source: str = "config") -> DictConfig:
-    """A typed, read-only copy of cfg with dotted keys set (sweep trials and sample settings)."""
+def with_values(cfg: DictConfig | dict, values: dict | list[str], source: str = "config") -> DictConfig:
+    """A typed, read-only copy of cfg with dotted keys set: a {key: value} dict (sweep trials, sample settings)
+    or key=value strings (the command line over a run's stored config)."""
+    dotlist = [f"{k}={_yaml_value(v)}" for k, v in values.items()] if isinstance(values, dict) else list(values)
     try:
-        dotlist = OmegaConf.from_dotlist([f"{k}={_yaml_value(v)}" for k, v in values.items()])
-        out = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.to_container(cfg), dotlist)
-    except OmegaConfBaseException as e:
-        raise ExperimentError(f"{source}: {_explain(e, [f'{k}={v}' for k, v in values.items()])}") from None
-    check_values(out, source)
-    OmegaConf.set_readonly(out, True)
-    return out
-
-
-def with_dotlist(cfg: DictConfig | dict, overrides: list[str], source: str = "config") -> DictConfig:
-    """A stored config (e.g. a run's config.yaml) with command-line key=value overrides, typed and checked."""
-    try:
-        dotlist = OmegaConf.from_dotlist(list(overrides))
         base = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg)
-        out = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), base, dotlist)
+        out = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), base, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as e:
-        raise ExperimentError(f"{source}: {_explain(e, overrides)}") from None
+        raise ExperimentError(f"{source}: {_explain(e, dotlist)}") from None
     check_values(out, source)
     OmegaConf.set_readonly(out, True)
     return out

@@ -1,7 +1,7 @@
 """Prepared data on the node that trains: an s3:// prepared root fetched once per node into a local cache.
 
-    root = local_data_root(cfg.data.root, endpoint_url, cfg.data.cache_dir)   # every rank, before the data
-    train = load_dataset(dataclasses.replace(plan.data, root=root), "train")
+    data = on_this_node(plan.data, endpoint_url, cfg.data.cache_dir)   # every rank, before the data
+    train = load_dataset(data, "train")
 
 - s3:// roots: the manifest is read from S3; every data file it lists is fetched into
   `<cache_dir>/<name>-<hash of the URI and endpoint>/` (cache_dir default: `<temp dir>/tarflow-data`) and its
@@ -18,9 +18,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -43,7 +41,7 @@ from tarflow.model import ConfigError
 from tarflow.prepared import MANIFEST, check_request, parse_manifest, sha256_file, verify
 
 from .errors import ExperimentError
-from .storage import RunStorage
+from .storage import RunStorage, file_lock
 
 log = logging.getLogger(__name__)
 STAMPS = ".stamps.json"
@@ -67,11 +65,6 @@ class CacheSync:
     seconds: float
 
 
-def local_data_root(root: str, endpoint_url: str | None = None, cache_dir: str | None = None) -> str:
-    """A local directory holding the prepared data at `root` (s3:// fetched once per node; see the module)."""
-    return sync_prepared(root, endpoint_url, cache_dir).path
-
-
 def on_this_node(data: DataConfig, endpoint_url: str | None, cache_dir: str | None) -> DataConfig:
     """The data config a worker reads: prepared data in S3 replaced by this node's verified local copy."""
     if data.name != "prepared" or not str(data.root).startswith("s3://"):
@@ -84,7 +77,8 @@ def on_this_node(data: DataConfig, endpoint_url: str | None, cache_dir: str | No
 
 
 def sync_prepared(root: str, endpoint_url: str | None = None, cache_dir: str | None = None) -> CacheSync:
-    """local_data_root, with what it did."""
+    """A local directory holding the prepared data at `root` (s3:// fetched once per node; see the module), and
+    what it took."""
     t0 = time.perf_counter()
     if not root.startswith("s3://"):
         return CacheSync(_check_local(root), [], 0, time.perf_counter() - t0)
@@ -93,7 +87,8 @@ def sync_prepared(root: str, endpoint_url: str | None = None, cache_dir: str | N
     manifest = _parse(raw, store)
     local = Path(cache_dir or default_cache_dir()).expanduser() / cache_name(store)
     local.mkdir(parents=True, exist_ok=True)
-    with _node_lock(local.parent / f"{local.name}.lock", store):
+    with file_lock(local.parent / f"{local.name}.lock",
+                   f"[data] waiting for another process of this node to fetch {store.describe()}"):
         stamps = _load_stamps(local)
         todo = [rel for rel, rec in manifest["files"].items() if not _cached(local, rel, rec, stamps)]
         needed = sum(manifest["files"][rel]["bytes"] for rel in todo)
@@ -200,20 +195,6 @@ def _parse(raw: bytes, store: RunStorage) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # The cache
-
-
-@contextlib.contextmanager
-def _node_lock(path: Path, store: RunStorage):
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process of this node to fetch %s", store.describe())
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _load_stamps(local: Path) -> dict:

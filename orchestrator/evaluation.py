@@ -1,18 +1,15 @@
-"""Evaluation of a trained model on the Ray workers: held-out bits/dim (sharded over ranks), a sample grid,
-and FID with samples drawn on every worker. Called at the end of training (train_loop.py) and on the final
-checkpoint of a finished run (`evaluate_checkpoints_per_worker`: new eval settings, never a retrain)."""
+"""Evaluating a trained model on the Ray workers, every rank a share: held-out bits/dim, a sample grid, and FID
+against reference statistics cached in storage. Used at the end of training (train_loop.py), periodically
+during it (periodic.py), on the final checkpoint of a finished run (reevaluate.py) and by the sample job."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -22,15 +19,10 @@ from torch.utils.data.distributed import DistributedSampler
 import tarflow
 from tarflow.data import DataConfig, ImageDataset, load_dataset, to_uint8
 
-from .datacache import on_this_node
-from .plan import RunPlan, plan_run
+from .delivery import RunLogger
+from .plan import RunPlan
+from .rundir import fid_stats_path
 from .storage import RunStorage
-from .tracking import BACKLOG_FILE, DRAIN_S, RunLogger
-from .weights import WeightsSource, load_weights
-
-CHECKPOINT_FILE = "state.pt"
-FINAL_FILE = "final_metrics.json"  # <run>/final_metrics.json: a training run's final metrics, written by rank 0
-EVALUATED_PREFIX = "evaluated-"  # <run>/evaluated-<evaluation run id>.json: an evaluation's metrics, in storage
 
 
 def heldout_bpd(model: tarflow.TarFlow, val: ImageDataset, batch_size: int, device: torch.device,
@@ -170,7 +162,7 @@ def reference_statistics(data_cfg: DataConfig, fid_cfg, storage, extractor, rank
     key = reference_stats_key(plain.name, plain.image_size or 0, {
         "root": plain.root, "fit": plain.fit, "channels": plain.channels, "limit": plain.limit,
         "reference_images": fid_cfg.reference_images, "flips": fid_cfg.flips, "split": "train"})
-    relpath = f"fid_stats/{key}"
+    relpath = fid_stats_path(key)
     cached = storage.read_bytes(relpath)
     if cached is not None:
         return FIDStatistics.load(io.BytesIO(cached))
@@ -270,160 +262,3 @@ def evaluate_settings(model: tarflow.TarFlow, cfg: DictConfig, plan: RunPlan, ev
             logger.log_metrics(metrics, step=step)
         out[evaluation["run_id"]] = metrics
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluating finished runs on the Ray workers, from their final checkpoints
-
-
-def load_final_model(storage: RunStorage, run_name: str, checkpoint: str, device: torch.device) -> tuple:
-    """(model to evaluate (EMA weights when the run kept them), training step) of a stored checkpoint."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = storage.download(f"{run_name}/{checkpoint}/{CHECKPOINT_FILE}", Path(tmp) / CHECKPOINT_FILE)
-        ckpt = tarflow.load_checkpoint(local, map_location="cpu")
-    return tarflow.model_from_checkpoint(ckpt).to(device), int(ckpt["step"])
-
-
-def evaluate_checkpoints_per_worker(config: dict) -> None:
-    """Ray Train entry: config["jobs"] lists finished runs ({"cfg", "source", "run_name", "checkpoint",
-    "evaluations"}); each rank loads every model and takes its share of every evaluation."""
-    import ray.train
-    import ray.train.torch
-
-    from .progress import quiet_ray_train_logs
-
-    if not config.get("verbose"):
-        quiet_ray_train_logs()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    storage = RunStorage(**config["storage"])
-    fid_by_data, results = {}, {}
-    for job in config["jobs"]:
-        cfg = OmegaConf.create(job["cfg"])
-        plan = plan_run(cfg, source=job["source"])
-        plan.data = on_this_node(plan.data, cfg.storage.endpoint_url, cfg.data.cache_dir)
-        model, step = load_final_model(storage, job["run_name"], job["checkpoint"], device)
-        data_key = repr(plan.data)
-        fid = fid_by_data.setdefault(data_key, FIDContext(cfg, plan, storage, rank, world, device))
-        results[job["run_name"]] = evaluate_settings(model, cfg, plan, job["evaluations"], step, device, rank, world,
-                                                     config["tracking_uri"], fid)
-    pending = []
-    if rank == 0:  # storage first, the record of truth; then MLflow, which may be behind
-        for run_name, metrics in results.items():
-            for run_id, values in metrics.items():
-                storage.write_text(f"{run_name}/{EVALUATED_PREFIX}{run_id}.json", json.dumps(values))
-        queue = RunLogger(config["tracking_uri"], "").queue
-        pending = queue.close(DRAIN_S)
-        for job in config["jobs"]:
-            mine = {e["run_id"] for e in job["evaluations"]}
-            records = [r for r in pending if r["run_id"] in mine]
-            if records:
-                storage.write_text(f"{job['run_name']}/{BACKLOG_FILE}", json.dumps(records))
-    ray.train.report({"evaluated": len(config["jobs"]), "tracking_pending": len(pending)})
-
-
-# ---------------------------------------------------------------------------------------------
-# Many samples of one model (python -m orchestrator.sample), drawn on every worker
-
-
-SAMPLES_FILE = "samples.npz"  # arr_0: uint8 (N, H, W, C), arr_1: int64 labels (conditional models): ADM's layout
-
-
-def sample_labels(indices: torch.Tensor, num_classes: int, classes) -> torch.Tensor | None:
-    """Sample i's label: the given classes cycled through, else class-balanced (i mod num_classes)."""
-    if not num_classes:
-        return None
-    if classes:
-        pool = torch.tensor(list(classes), dtype=torch.int64)
-        if int(pool.min()) < 0 or int(pool.max()) >= num_classes:
-            raise ValueError(f"sample.classes {list(classes)} are not all in [0, {num_classes - 1}]")
-        return pool[indices % len(pool)]
-    return indices % num_classes
-
-
-def write_npz(path: Path, parts: list[Path], count: int, image_shape: tuple, with_labels: bool) -> None:
-    """Chunk files (each an npz of "images" (b, H, W, C) uint8 and "labels") into one npz, streamed: the
-    whole array is never in memory (50,000 samples at 256² are 9.8 GB)."""
-    members = [("arr_0", "images", "|u1", (count, *image_shape))]
-    if with_labels:
-        members.append(("arr_1", "labels", "<i8", (count,)))
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-        for member, key, descr, shape in members:
-            with z.open(f"{member}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
-                for part in parts:
-                    with np.load(part) as chunk:
-                        f.write(np.ascontiguousarray(chunk[key]).tobytes())
-
-
-def sample_per_worker(config: dict) -> None:
-    """Ray Train entry of orchestrator.sample. config: {"cfg", "source", "weights" (a WeightsSource dict),
-    "storage", "out" (a directory in that storage), "need_data"}.
-
-    Samples come in chunks of sample.batch_size; chunk k holds samples k·B.. and is drawn from noise seeded by
-    (sample.seed, k), rank r drawing chunks r, r + world, ...: the same samples whatever the number of workers.
-    Rank 0 assembles them, in order, into one npz, a PNG grid and result.json in storage."""
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    cfg = OmegaConf.create(config["cfg"])
-    plan = plan_run(cfg, source=config["source"], require_data=config["need_data"])
-    storage, out = RunStorage(**config["storage"]), config["out"]
-    weights, ema = load_weights(WeightsSource(**config["weights"]), plan.model)
-    model = tarflow.TarFlow(plan.model)
-    model.load_state_dict(ema if ema is not None else weights)
-    model.to(device).eval()
-    s = cfg.sample
-    noise_std = training_noise_std(cfg)
-    fid = None
-    if s.fid:
-        plan.data = on_this_node(plan.data, cfg.storage.endpoint_url, cfg.data.cache_dir)
-        fid = FIDContext(cfg, plan, storage, rank, world, device)
-        extractor, reference = fid.parts()
-        from tarflow.fid import FEATURE_DIM
-
-        moments = FeatureMoments(FEATURE_DIM, device)
-    chunks = -(-s.num_samples // s.batch_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in range(rank, chunks, world):
-            idx = torch.arange(k * s.batch_size, min(s.num_samples, (k + 1) * s.batch_size))
-            y = sample_labels(idx, plan.model.num_classes, s.classes)
-            gen = torch.Generator(device="cpu").manual_seed(s.seed * 1_000_003 + k)
-            x = draw(model, cfg.eval, noise_std, len(idx), None if y is None else y.to(device), gen, device)
-            x = x.clamp(-1, 1)
-            if fid is not None:
-                moments.add(extractor(x))
-            images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
-            part = Path(tmp) / f"chunk-{k:07d}.npz"
-            np.savez(part, images=images, labels=(y if y is not None else torch.full_like(idx, -1)).numpy())
-            storage.write_bytes(f"{out}/parts/{part.name}", part.read_bytes())
-        metrics = {}
-        if fid is not None:
-            from tarflow.fid import frechet_distance
-
-            metrics["fid"] = frechet_distance(moments.all_reduce(world).statistics(), reference)
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
-            parts = []
-            for k in range(chunks):
-                parts.append(storage.download(f"{out}/parts/chunk-{k:07d}.npz", Path(tmp) / "all" / f"{k:07d}.npz"))
-            shape = (plan.model.image_size, plan.model.image_size, plan.model.in_channels)
-            write_npz(Path(tmp) / SAMPLES_FILE, parts, s.num_samples, shape, bool(plan.model.num_classes))
-            storage.upload(Path(tmp) / SAMPLES_FILE, f"{out}/{SAMPLES_FILE}")
-            shown = []
-            for part in parts:
-                if sum(len(p) for p in shown) >= s.grid:
-                    break
-                with np.load(part) as chunk:
-                    shown.append(torch.from_numpy(chunk["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1)
-            if s.grid:
-                grid = save_grid(torch.cat(shown)[: s.grid], Path(tmp) / "grid.png")
-                storage.write_bytes(f"{out}/grid.png", grid.read_bytes())
-            storage.delete_dir(f"{out}/parts")
-            storage.write_text(f"{out}/{FINAL_FILE}", json.dumps({"metrics": metrics, "num_samples": s.num_samples}))
-    ray.train.report({"samples": s.num_samples, **metrics})

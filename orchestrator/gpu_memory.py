@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tarflow.memory import CUDA_OVERHEAD_BYTES, FitOption, FitPlan, GiB, plan_fit, training_memory
 
-from .config import with_overrides
+from .config import with_values
 from .errors import ExperimentError
 from .plan import RunPlan, plan_run, train_config
 
@@ -77,7 +77,7 @@ def estimate_memory(plan: RunPlan, sweep=None) -> list[MemoryEstimate]:
     out = []
     for combo in itertools.product(*[a.probe_values() for a in sweep.train_axes]):
         trial = expand(dict(zip(keys, combo)))
-        cfg = with_overrides(plan.cfg, trial, plan.source)
+        cfg = with_values(plan.cfg, trial, plan.source)
         if cfg.cluster.use_gpu:  # the sweep's probe has checked the data already
             out.append(estimate(plan_run(cfg, source=plan.source, require_data=False), trial))
     return sorted(out, key=lambda e: (e.fit is not None and e.fit.fits, -e.need))

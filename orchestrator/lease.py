@@ -20,9 +20,8 @@ import uuid
 from datetime import datetime, timezone
 
 from .errors import ExperimentError
-from .storage import RunStorage
+from .rundir import RunDir
 
-LEASE_FILE = "lease.json"
 TTL_S = float(os.environ.get("TARFLOW_LEASE_TTL_S", 120))
 INTERVAL_S = float(os.environ.get("TARFLOW_LEASE_INTERVAL_S", 30))
 
@@ -55,11 +54,10 @@ def is_stale(record: dict, now: float | None = None) -> bool:
 
 
 class RunLease:
-    """with RunLease(storage, "run-name", "training table2"): ... — held for the block, renewed meanwhile."""
+    """with RunLease(rundir, "orchestrator.run of table2/..."): ... — held for the block, renewed meanwhile."""
 
-    def __init__(self, storage: RunStorage, run_dir: str, purpose: str, ttl: float = TTL_S,
-                 interval: float = INTERVAL_S):
-        self.storage, self.relpath, self.purpose = storage, f"{run_dir}/{LEASE_FILE}", purpose
+    def __init__(self, rundir: RunDir, purpose: str, ttl: float = TTL_S, interval: float = INTERVAL_S):
+        self.storage, self.relpath, self.purpose = rundir.storage, rundir.lease_path, purpose
         self.ttl, self.interval = ttl, interval
         self.owner = uuid.uuid4().hex
         self._version: str | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from .tracking import quick_failing_http, say
+from .delivery import quick_failing_http, say
 
 try:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

@@ -15,6 +15,7 @@ from tarflow.data import DataConfig
 
 from .datacache import data_info
 from .errors import ExperimentError
+from .rundir import run_dir_name
 from .schema import ExperimentConfig
 
 CODE_VERSION = "0.1"  # bump when a change makes old checkpoints incompatible: it is part of the run identity
@@ -28,7 +29,6 @@ class RunPlan:
     source: str                 # the YAML file name, for messages
     model: TarFlowConfig
     data: DataConfig
-    train: TrainConfig          # total_steps / warmup_steps are filled in by the worker from the data size
     run_key: str                # hash of everything that changes the trained model
     run_name: str               # storage-safe and unique: <experiment>-<arch>-<key>
     display_name: str           # what MLflow shows: <experiment>/<arch>/<noise>
@@ -160,21 +160,16 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
                                           head_dim=cfg.model.head_dim)
         if cfg.train.noise == "gaussian":
             model.noise_std = cfg.train.noise_std
-        train = train_config(cfg)
+        train_config(cfg)  # the training settings are checked here, before any work
     except ConfigError as e:
         raise ExperimentError(f"{source}: {e}") from None
     key = config_hash(cfg)
     noise = f"{cfg.train.noise_std:g}" if cfg.train.noise == "gaussian" else "uniform"
-    safe_name = storage_safe(cfg.experiment.name)
-    return RunPlan(cfg=cfg, source=source, model=model, data=data, train=train, run_key=key,
-                   run_name=f"{safe_name}-{arch_name(model)}-{key}",
+    return RunPlan(cfg=cfg, source=source, model=model, data=data, run_key=key,
+                   run_name=run_dir_name(cfg.experiment.name, arch_name(model), key),
                    display_name=cfg.tracking.run_name or f"{cfg.experiment.name}/{arch_name(model)}/{noise}",
                    per_worker_batch=cfg.train.batch_size // cfg.cluster.num_workers,
                    data_present=not info.get("absent"))
-
-
-def storage_safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
 
 
 ARCH_PARTS = ("patch_size", "width", "num_blocks", "layers_per_block")  # P-Ch-T-K, in model.arch's order

@@ -91,16 +91,7 @@ def prepare(source: str, dest: str, *, kind: str | None = None, image_size: int 
     if existing is not None:
         _same_request(existing, out, tree.uri, asked, limit)
         _check_dest_files(out, existing, verify)
-        if not fid_stats or existing.get("fid_stats"):
-            log(f"{out.describe()}: already prepared ({_counts(existing)}); left as it is")
-            return PrepareReport(out.uri, existing, _num_shards(existing), 0, True, False)
-        sidecars = [{"split": name, "index": i, **shard} for name, split in existing["splits"].items()
-                    for i, shard in enumerate(split["shards"])]
-        with _ray(address, num_cpus):
-            record, stats_file = _fid_statistics(out, sidecars, inception_weights, log)
-        manifest = {**existing, "files": {**existing["files"], FID_STATS_FILE: stats_file}, "fid_stats": record}
-        _write_manifest(out, manifest)
-        return PrepareReport(out.uri, manifest, _num_shards(existing), 0, True, True)
+        return _add_fid_statistics(out, existing, fid_stats, inception_weights, address, num_cpus, log)
 
     files = tree.list_files()
     kind = kind or detect_kind(files, tree.uri)
@@ -115,27 +106,54 @@ def prepare(source: str, dest: str, *, kind: str | None = None, image_size: int 
     todo = [s for s in plan.shards if (s["split"], s["index"]) not in done]
     log(f"{tree.uri} ({plan.kind}) -> {out.describe()}: {len(plan.shards)} shards of {plan.channels}×"
         f"{plan.image_size}×{plan.image_size}; {len(done)} already there, {len(todo)} to make")
-    t0 = time.perf_counter()
     with _ray(address, num_cpus):
-        if todo:
-            payloads = [json.dumps({"job": job, "shard": s}) for s in todo]
-            errors = []
-            for row in _run_tasks(_shard_task, payloads):
-                result = json.loads(row["result"])
-                if "error" in result:
-                    errors.append(result["error"])
-                else:
-                    done[(result["split"], result["index"])] = result
-            if errors:
-                more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-                raise ExperimentError(f"{errors[0]}{more}")
-            images = sum(s["count"] for s in todo)
-            log(f"made {len(todo)} shards ({images} images) in {time.perf_counter() - t0:.1f} s")
+        _make_shards(job, todo, done, log)
         sidecars = [done[(s["split"], s["index"])] for s in plan.shards]
         record = stats_file = None
         if fid_stats:
             record, stats_file = _fid_statistics(out, sidecars, inception_weights, log)
+    manifest = _manifest_of(plan, sidecars, tree.uri, settings, record, stats_file)
+    _write_manifest(out, manifest)
+    skipped = {name: s["skipped_count"] for name, s in manifest["splits"].items() if s["skipped_count"]}
+    log(f"{out.describe()}: prepared ({_counts(manifest)})"
+        + (f"; skipped undecodable photos {skipped}, named in {MANIFEST}" if skipped else ""))
+    return PrepareReport(out.uri, manifest, len(plan.shards), len(todo), False, bool(record))
 
+
+def _add_fid_statistics(out: RunStorage, existing: dict, fid_stats: bool, inception_weights: str | None,
+                        address: str | None, num_cpus: int | None, log) -> PrepareReport:
+    """A prepared DEST is left as it is, but for the FID statistics when they are asked for and missing."""
+    if not fid_stats or existing.get("fid_stats"):
+        log(f"{out.describe()}: already prepared ({_counts(existing)}); left as it is")
+        return PrepareReport(out.uri, existing, _num_shards(existing), 0, True, False)
+    sidecars = [{"split": name, "index": i, **shard} for name, split in existing["splits"].items()
+                for i, shard in enumerate(split["shards"])]
+    with _ray(address, num_cpus):
+        record, stats_file = _fid_statistics(out, sidecars, inception_weights, log)
+    manifest = {**existing, "files": {**existing["files"], FID_STATS_FILE: stats_file}, "fid_stats": record}
+    _write_manifest(out, manifest)
+    return PrepareReport(out.uri, manifest, _num_shards(existing), 0, True, True)
+
+
+def _make_shards(job: dict, todo: list[dict], done: dict, log) -> None:
+    """One Ray Data task per missing shard; their sidecars into `done`. The first error names its file."""
+    if not todo:
+        return
+    t0 = time.perf_counter()
+    errors = []
+    for row in _run_tasks(_shard_task, [json.dumps({"job": job, "shard": s}) for s in todo]):
+        result = json.loads(row["result"])
+        if "error" in result:
+            errors.append(result["error"])
+        else:
+            done[(result["split"], result["index"])] = result
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ExperimentError(f"{errors[0]}{more}")
+    log(f"made {len(todo)} shards ({sum(s['count'] for s in todo)} images) in {time.perf_counter() - t0:.1f} s")
+
+
+def _manifest_of(plan: SourcePlan, sidecars: list[dict], source_uri: str, settings: dict, record, stats_file) -> dict:
     splits = {}
     for sc in sidecars:
         split = splits.setdefault(sc["split"], {"shards": [], "skipped": [],
@@ -145,14 +163,9 @@ def prepare(source: str, dest: str, *, kind: str | None = None, image_size: int 
     data_files = {rel: rec for sc in sidecars for rel, rec in sc["files"].items()}
     if stats_file:
         data_files[FID_STATS_FILE] = stats_file
-    manifest = make_manifest(image_shape=[plan.channels, plan.image_size, plan.image_size], classes=plan.classes,
-                             splits=splits, files=data_files, source={"uri": tree.uri, "kind": plan.kind},
-                             settings=settings, transform=plan.transform(), fid_stats=record)
-    _write_manifest(out, manifest)
-    skipped = {name: s["skipped_count"] for name, s in manifest["splits"].items() if s["skipped_count"]}
-    log(f"{out.describe()}: prepared ({_counts(manifest)})"
-        + (f"; skipped undecodable photos {skipped}, named in {MANIFEST}" if skipped else ""))
-    return PrepareReport(out.uri, manifest, len(plan.shards), len(todo), False, bool(record))
+    return make_manifest(image_shape=[plan.channels, plan.image_size, plan.image_size], classes=plan.classes,
+                         splits=splits, files=data_files, source={"uri": source_uri, "kind": plan.kind},
+                         settings=settings, transform=plan.transform(), fid_stats=record)
 
 
 # ---------------------------------------------------------------------------------------------

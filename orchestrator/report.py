@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     if plan.cfg.reference is None:
         raise ExperimentError(f"{plan.source} has no reference: block, so there is no table to build")
     tracker = Tracker(tracking_uri)
-    catch_up_experiment(storage, plan.experiment_name, tracker)  # what MLflow missed while it was down
+    catch_up_experiment(storage, plan.cfg.experiment.name, tracker)  # what MLflow missed while it was down
     publish_table(plan, storage, tracking_uri)
     return 0
 

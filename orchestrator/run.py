@@ -12,6 +12,7 @@ import sys
 
 from .config import redact_uri, redacted_yaml
 from .cost import describe_cost, estimate_cost
+from .delivery import quick_failing_http
 from .errors import ExperimentError, cli_entry
 from .gpu_memory import check_launch, describe_memory, estimate_memory
 from .lifecycle import load_experiment, run_experiment
@@ -21,7 +22,7 @@ from .storage import RunStorage
 from .summary import run_summary
 from .sweep import describe_sweep, num_trials, run_sweep, sweep_of
 from .tables import publish_table
-from .tracking import check_tracking, quick_failing_http
+from .tracking import check_tracking
 from .trainer import set_verbose
 
 

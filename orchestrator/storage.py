@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import posixpath
-import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +109,7 @@ class RunStorage:
                 raise
             return obj["Body"].read(), obj["ETag"]
         path = Path(self.uri) / relpath
-        with self._local_lock(path):
+        with file_lock(path.with_name(path.name + ".lock")):
             if not path.is_file():
                 return None
             data = path.read_bytes()
@@ -139,7 +139,7 @@ class RunStorage:
             return True
         path = Path(self.uri) / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._local_lock(path):
+        with file_lock(path.with_name(path.name + ".lock")):
             current = path.read_bytes() if path.is_file() else None
             if (version is None and current is not None) or (
                     version is not None and (current is None or hashlib.sha256(current).hexdigest() != version)):
@@ -153,17 +153,6 @@ class RunStorage:
         fs, path = self._path(relpath)
         if fs.get_file_info(path).type == pafs.FileType.File:
             fs.delete_file(path)
-
-    @staticmethod
-    @contextmanager
-    def _local_lock(path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- small records next to the checkpoints -------------------------------------------------
 
@@ -270,15 +259,30 @@ class RunStorage:
         fs, path = self._path(relpath)
         return fs.get_file_info(path).type == pafs.FileType.File
 
-    def checkpoints(self, run_name: str) -> list[str]:
-        """A run's checkpoint directories (checkpoint_<step>), oldest first."""
-        return sorted(n for n in self.list(run_name) if re.fullmatch(r"checkpoint_\d+", n))
-
-    def list(self, relpath: str) -> list[str]:
+    def listdir(self, relpath: str) -> list[str]:
         fs, path = self._path(relpath)
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             return []
         return sorted(posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path)))
+
+
+@contextmanager
+def file_lock(path: Path, waiting: str | None = None):
+    """An exclusive flock on `path` (created) for the block: the processes of one host, one at a time.
+    waiting: said once when another process holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _writable(path: Path) -> bool:

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 from .errors import ExperimentError
 from .gpu_memory import check_launch, estimate_memory
 from .lifecycle import load_experiment
-from .plan import storage_safe
+from .rundir import storage_safe
 from .sweep import sweep_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def follow(client, job_id: str) -> str:
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m orchestrator.submit", description=__doc__.split("\n\n")[1])
     parser.add_argument("experiment", help="experiment YAML inside this project, e.g. experiments/table2.yaml")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. scale=smoke storage=s3 tracking=server")
@@ -192,68 +192,85 @@ def main(argv: list[str] | None = None) -> int:
                         help="forward one more non-secret environment variable to the job")
     parser.add_argument("--force", action="store_true",
                         help="submit even if a job of the same run is still running")
-    args = parser.parse_intermixed_args(argv)
-    job_id = None
+    return parser.parse_intermixed_args(argv)
+
+
+def submit(args, submitted: list) -> int:
+    """Check the config here, submit the job, then wait for it as asked; its id is appended to `submitted`."""
+    # the data is on the cluster, not necessarily here
+    plan, storage, tracking_uri = load_experiment(args.experiment, args.overrides, require_data=False)
+    sweep = sweep_of(plan, require_data=False)  # a sweep's whole search space, as orchestrator.run checks it
+    notes = check_launch(plan, estimate_memory(plan, sweep))  # a GPU run that cannot fit: refused here
+    command = entrypoint(Path(args.experiment), args.overrides)
+    env_vars = job_env(dict(os.environ), args.env)
+    address = normalize_address(args.address)
+    for note in notes:
+        print(f"[submit] {note}", flush=True)
+    client = connect(address)
+    if not args.force and (other := running_duplicate(client, plan.run_key)):
+        raise ClusterError(f"job {other} is already running this run ({plan.run_name}); follow it with "
+                           f"`ray job logs {other} --address {address} --follow`, or pass --force")
+    quiet_ray_logs()
+    print(f"[submit] uploading {ROOT} as the job's working directory (without {', '.join(EXCLUDES[:6])}, ...)",
+          flush=True)
+    job_id = client.submit_job(
+        entrypoint=command, submission_id=submission_id(plan),
+        runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env_vars},
+        metadata={"tarflow.experiment": plan.cfg.experiment.name, "tarflow.run_key": plan.run_key,
+                  "tarflow.run_name": plan.run_name},
+    )
+    submitted.append(job_id)
+    print(f"[submit] submitted {job_id} to {address}: {command}", flush=True)
+    print(f"[submit] MLflow run '{plan.display_name}' in experiment '{plan.experiment_name}' at {tracking_uri}",
+          flush=True)
+    for note in where_results_go(plan.cfg.storage.uri, storage.is_s3, tracking_uri):
+        print(f"[submit] note: {note}", flush=True)
+    if not args.follow:
+        print(f"[submit] logs: ray job logs {job_id} --address {address} --follow", flush=True)
+    if args.no_wait:
+        return 0
+    status = follow(client, job_id) if args.follow else wait(client, job_id)
+    print(f"[submit] job {job_id}: {status}", flush=True)
+    if status != "SUCCEEDED":
+        message = (client.get_job_info(job_id).message or "").strip()
+        if message:
+            print(f"[submit] {message[-2000:]}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def where_results_go(storage_uri: str, is_s3: bool, tracking_uri: str) -> list[str]:
+    """What a user should know when the results stay on the cluster's nodes."""
+    notes = []
+    if not is_s3:
+        notes.append(f"storage is the path {storage_uri!r} on the cluster's nodes; use storage=s3 (or "
+                     "storage.uri=s3://...) to keep checkpoints beyond the job")
+    if urlparse(tracking_uri).scheme not in ("http", "https"):
+        notes.append("tracking is a local MLflow store on the cluster's nodes; use tracking=server "
+                     "(MLFLOW_TRACKING_URI) to see the run in your MLflow")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    submitted = []
     try:
-        # the data is on the cluster, not necessarily here
-        plan, storage, tracking_uri = load_experiment(args.experiment, args.overrides, require_data=False)
-        sweep = sweep_of(plan, require_data=False)  # a sweep's whole search space, as orchestrator.run checks it
-        notes = check_launch(plan, estimate_memory(plan, sweep))  # a GPU run that cannot fit: refused here
-        command = entrypoint(Path(args.experiment), args.overrides)
-        env_vars = job_env(dict(os.environ), args.env)
-        address = normalize_address(args.address)
-        for note in notes:
-            print(f"[submit] {note}", flush=True)
-        client = connect(address)
-        if not args.force and (other := running_duplicate(client, plan.run_key)):
-            raise ClusterError(f"job {other} is already running this run ({plan.run_name}); follow it with "
-                               f"`ray job logs {other} --address {address} --follow`, or pass --force")
-        quiet_ray_logs()
-        print(f"[submit] uploading {ROOT} as the job's working directory (without {', '.join(EXCLUDES[:6])}, ...)",
-              flush=True)
-        job_id = client.submit_job(
-            entrypoint=command,
-            submission_id=submission_id(plan),
-            runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env_vars},
-            metadata={"tarflow.experiment": plan.cfg.experiment.name, "tarflow.run_key": plan.run_key,
-                      "tarflow.run_name": plan.run_name},
-        )
-        print(f"[submit] submitted {job_id} to {address}: {command}", flush=True)
-        print(f"[submit] MLflow run '{plan.display_name}' in experiment '{plan.experiment_name}' at {tracking_uri}",
-              flush=True)
-        if not storage.is_s3:
-            print(f"[submit] note: storage is the path {plan.cfg.storage.uri!r} on the cluster's nodes; use "
-                  "storage=s3 (or storage.uri=s3://...) to keep checkpoints beyond the job", flush=True)
-        if urlparse(tracking_uri).scheme not in ("http", "https"):
-            print("[submit] note: tracking is a local MLflow store on the cluster's nodes; use tracking=server "
-                  "(MLFLOW_TRACKING_URI) to see the run in your MLflow", flush=True)
-        if not args.follow:
-            print(f"[submit] logs: ray job logs {job_id} --address {address} --follow", flush=True)
-        if args.no_wait:
-            return 0
-        status = follow(client, job_id) if args.follow else wait(client, job_id)
-        print(f"[submit] job {job_id}: {status}", flush=True)
-        if status != "SUCCEEDED":
-            message = (client.get_job_info(job_id).message or "").strip()
-            if message:
-                print(f"[submit] {message[-2000:]}", file=sys.stderr)
-        return 0 if status == "SUCCEEDED" else 1
+        return submit(args, submitted)
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if job_id:
-            print(f"\n[submit] interrupted; job {job_id} keeps running on the cluster. Stop it with: "
-                  f"ray job stop {job_id} --address {args.address}", file=sys.stderr)
+        if submitted:
+            print(f"\n[submit] interrupted; job {submitted[0]} keeps running on the cluster. Stop it with: "
+                  f"ray job stop {submitted[0]} --address {args.address}", file=sys.stderr)
         return 130
     except Exception as e:  # the cluster refused the job, or was lost while waiting: say so in one paragraph
-        if job_id is None:
+        if not submitted:
             print(f"error: the Ray Jobs API at {args.address} did not accept the job ({type(e).__name__}: "
                   f"{' '.join(str(e).split())[:300]})", file=sys.stderr)
             return 2
-        print(f"error: lost the Ray Jobs API at {args.address} while waiting for job {job_id} "
+        print(f"error: lost the Ray Jobs API at {args.address} while waiting for job {submitted[0]} "
               f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); the job may still be running: "
-              f"ray job status {job_id} --address {args.address}", file=sys.stderr)
+              f"ray job status {submitted[0]} --address {args.address}", file=sys.stderr)
         return 2
 
 

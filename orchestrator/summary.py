@@ -7,9 +7,9 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 from .config import redact_uri
-from .lifecycle import latest_checkpoint, read_result
 from .plan import RunPlan
 from .records import BEST_TAG, KIND_TAG, SWEEP, SWEEP_TAG
+from .rundir import RunDir, table_path
 from .storage import RunStorage
 
 SHOWN = ("step", "loss", "bpd", "fid", "images_per_sec", "periodic/bpd", "periodic/fid", "periodic/share")
@@ -43,12 +43,12 @@ def run_summary(plan: RunPlan, storage: RunStorage, tracking_uri: str, sweep=Non
     exp_id = exp.experiment_id if exp else None
     lines = []
     if sweep is None:
-        done = read_result(storage, plan.run_name) or {}
+        run = RunDir(storage, plan.run_name)
+        done = run.read_result() or {}
         run_id = done.get("mlflow_run_id")
         lines.append(f"[summary] {plan.display_name}: {figures(done.get('metrics', {}))}")
-        checkpoint = latest_checkpoint(storage, plan.run_name)
-        lines.append(f"[summary] checkpoints  {where}/{plan.run_name}/" + (checkpoint or "(none)")
-                     + "  (result.json beside it)")
+        lines.append(f"[summary] checkpoints  {run.describe(run.latest_checkpoint() or '(none)')}  (result.json "
+                     "beside it)")
     else:
         runs = tracker.client.search_runs(
             [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep.name}' AND tags.`{KIND_TAG}` = '{SWEEP}'",
@@ -59,6 +59,7 @@ def run_summary(plan: RunPlan, storage: RunStorage, tracking_uri: str, sweep=Non
                      "run's artifacts (sweep/results.json, .md, .csv)")
         lines.append(f"[summary] checkpoints  {where}/<trial run>/ (one folder per trial)")
     if plan.cfg.reference is not None:
-        lines.append(f"[summary] tables       {where}/tables/{plan.experiment_name}/ (table.md, table.csv, table.tex)")
+        lines.append(f"[summary] tables       {where}/{table_path(plan.experiment_name, '')} (table.md, table.csv, "
+                     "table.tex)")
     lines.append(f"[summary] MLflow       {mlflow_address(tracking_uri, exp_id, run_id)}")
     return "\n".join(lines)

@@ -17,20 +17,13 @@ from dataclasses import dataclass
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from .config import with_overrides
+from . import trainer
+from .config import with_values
 from .errors import ExperimentError
 from .lease import RunLease
-from .lifecycle import (
-    catch_up_experiment,
-    checkpoint_to_resume,
-    evaluate_many,
-    missing_evaluations,
-    read_result,
-    start_evaluation_run,
-    start_tracked_run,
-    train_to_end,
-)
-from .plan import RunPlan, plan_run, short_hash, storage_safe
+from .lifecycle import catch_up_experiment, start_tracked_run, train_evaluate_and_record
+from .plan import RunPlan, plan_run, short_hash
+from .progress import TrialEvents
 from .records import (
     BEST_OVERRIDES_TAG,
     BEST_RUN_TAG,
@@ -46,8 +39,12 @@ from .records import (
     runs_frame,
     setting_label,
 )
+from .reevaluate import evaluate_many, missing_evaluations, start_evaluation_run
+from .rundir import RunDir, sweep_dir_name
 from .storage import RunStorage
-from .tracking import Tracker, log_table
+from .tables import log_table
+from .tracking import Tracker
+from .trainer import init_ray, set_verbose
 
 SAMPLE_KEYS = {"eval.guidance", "eval.annealed_guidance", "eval.attn_temp", "eval.denoise", "eval.denoise_step",
                "eval.sampler", "eval.jacobi.tol", "eval.jacobi.max_iters"}
@@ -148,7 +145,7 @@ def plan_sweep(base: RunPlan, require_data: bool = True) -> SweepPlan:
     # every value of every axis must make a valid run on its own (one axis at a time keeps this cheap)
     for axis in train_axes + sample_axes:
         for value in axis.probe_values():
-            plan_run(with_overrides(cfg, expand({axis.key: value}), source),
+            plan_run(with_values(cfg, expand({axis.key: value}), source),
                      source=f"{source} [sweep {axis.key}={value}]", require_data=require_data)
     # no sample axes: no sample-time settings (product() of nothing would be one empty setting, a second
     # evaluation of every trial identical to its own)
@@ -156,7 +153,7 @@ def plan_sweep(base: RunPlan, require_data: bool = True) -> SweepPlan:
                 for combo in itertools.product(*[a.values for a in sample_axes])] if sample_axes else []
     key = short_hash([base.run_key, spec["train_axes"], spec["search"], spec["num_samples"]])
     return SweepPlan(base=base, train_axes=train_axes, sample_settings=settings, sweep_key=key,
-                     name=f"{storage_safe(cfg.experiment.name)}-sweep-{key}",
+                     name=sweep_dir_name(cfg.experiment.name, key),
                      display_name=f"{cfg.experiment.name}/sweep")
 
 
@@ -193,7 +190,7 @@ def describe_sweep(sweep: SweepPlan) -> str:
 def trial_plan(config: dict) -> tuple[RunPlan, dict]:
     """The run of one trial: the base config with the trial's train-axis values."""
     overrides = expand(config["overrides"])
-    cfg = with_overrides(OmegaConf.create(config["base"]), overrides, config["source"])
+    cfg = with_values(OmegaConf.create(config["base"]), overrides, config["source"])
     plan = plan_run(cfg, source=config["source"])
     if overrides:  # a sample-time-only sweep has one trial: the plain run
         plan.display_name = f"{plan.display_name}[{overrides_label(overrides)}]"
@@ -205,26 +202,25 @@ def run_trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .trainer import set_verbose
-
     set_verbose(config.get("verbose", False))
     plan, overrides = trial_plan(config)
-    storage = RunStorage(**config["storage"])
-    done = read_result(storage, plan.run_name)
+    run = RunDir(RunStorage(**config["storage"]), plan.run_name)
+    done = run.read_result()
     if done is not None:  # finished before: report, don't reopen or retrain (new settings: run_sweep's catch-up)
         ray.tune.report(done["metrics"])
         return
-    with RunLease(storage, plan.run_name, f"trial of sweep {config['sweep_name']}"):
+    with RunLease(run, f"trial of sweep {config['sweep_name']}"):
         tracker = Tracker(config["tracking_uri"])
-        run_id = start_tracked_run(plan, storage, tracker, parent_run_id=config["parent_run_id"],
+        resume_from = run.checkpoint_to_resume(set_aside_corrupt=False)
+        run_id = start_tracked_run(plan, run, tracker, parent_run_id=config["parent_run_id"],
                                    extra_tags={SWEEP_TAG: config["sweep_name"],
                                                TRIAL_TAG: ray.tune.get_context().get_trial_id(),
                                                OVERRIDES_TAG: json.dumps(overrides)})
-        evaluations = [start_evaluation_run(tracker, plan, run_id, with_overrides(plan.cfg, s, config["source"]),
+        evaluations = [start_evaluation_run(tracker, plan, run_id, with_values(plan.cfg, s, config["source"]),
                                             s, bpd=False, extra_tags={SWEEP_TAG: config["sweep_name"]})
                        for s in config["sample_settings"]]
-        train_to_end(plan, storage, tracker, run_id, evaluations=evaluations, callbacks=[TuneReportCallback()],
-                     resume_from=checkpoint_to_resume(plan, storage, set_aside_corrupt=False), progress=False)
+        train_evaluate_and_record(plan, run, tracker, run_id, evaluations=evaluations,
+                                  callbacks=[TuneReportCallback()], resume_from=resume_from, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,37 +245,18 @@ def max_concurrent(cfg: DictConfig) -> int:
 
 def run_sweep(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.DataFrame:
     """The whole sweep, under one lease: a second launch of it is refused."""
-    with RunLease(storage, sweep.name, f"sweep {sweep.display_name}"):
+    with RunLease(RunDir(storage, sweep.name), f"sweep {sweep.display_name}"):
         return sweep_to_end(sweep, storage, tracking_uri)
 
 
 def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd.DataFrame:
-    from ray import tune
-
-    from . import trainer
-    from .progress import TrialEvents
-    from .trainer import init_ray
-
-    base = sweep.base
-    cfg = base.cfg
+    base, cfg = sweep.base, sweep.base.cfg
     tracker = Tracker(tracking_uri)
     exp_id = tracker.experiment_id(base.experiment_name)
-    catch_up_experiment(storage, base.experiment_name, tracker)
+    catch_up_experiment(storage, cfg.experiment.name, tracker)
     parent_id = tracker.start_run(exp_id, sweep.sweep_key, sweep.display_name, flat_params(cfg),
                                   tags={SWEEP_TAG: sweep.name, KIND_TAG: SWEEP})
     init_ray(cfg, min_cpus=int(trial_resources(cfg)["CPU"] + 0.999))
-    concurrency = max_concurrent(cfg)
-    print(f"[sweep] {sweep.name}: {len(sweep.train_axes)} train axes, {len(sweep.sample_settings)} sample "
-          f"settings per trial, up to {concurrency} trials at once", flush=True)
-
-    s = cfg.sweep
-    scheduler = None
-    if s.scheduler.type == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(metric=s.scheduler.metric, mode=s.scheduler.mode, max_t=10**6,
-                                                  grace_period=s.scheduler.grace_period,
-                                                  reduction_factor=s.scheduler.reduction_factor)
-    trainable = tune.with_resources(run_trial, {"CPU": 1})  # the trial driver; its Train workers ask for their own
-    fs, root = storage.filesystem_and_root()
     param_space = {
         "base": OmegaConf.to_container(cfg, resolve=True), "source": base.source,
         "overrides": {a.key: a.tune_domain() for a in sweep.train_axes},
@@ -287,24 +264,44 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
         "parent_run_id": parent_id, "sweep_name": sweep.name, "sample_settings": sweep.sample_settings,
         "verbose": trainer.VERBOSE,
     }
+    grid = tuner_of(sweep, storage, param_space).fit()
+    errored = {trial_id_of(r) for r in grid if r.error is not None}
+    catch_up_evaluations(sweep, storage, tracker, param_space)
+    return publish_results(sweep, tracker, parent_id, errored)
+
+
+def tuner_of(sweep: SweepPlan, storage: RunStorage, param_space: dict):
+    """The sweep's Tuner: restored from storage when an earlier launch left its state there."""
+    from ray import tune
+
+    s = sweep.base.cfg.sweep
+    concurrency = max_concurrent(sweep.base.cfg)
+    print(f"[sweep] {sweep.name}: {len(sweep.train_axes)} train axes, {len(sweep.sample_settings)} sample "
+          f"settings per trial, up to {concurrency} trials at once", flush=True)
+    trainable = tune.with_resources(run_trial, {"CPU": 1})  # the trial driver; its Train workers ask for their own
+    fs, root = storage.filesystem_and_root()
     path = f"{root}/{sweep.name}"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[sweep] continuing {sweep.name} from {storage.describe()}", flush=True)
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space, storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=s.num_samples,
-                                        max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=root, storage_filesystem=fs,
-                                      verbose=1 if trainer.VERBOSE else 0, callbacks=[TrialEvents(sweep.name)]),
-        )
-    grid = tuner.fit()
-    errored = {trial_id_of(r) for r in grid if r.error is not None}
-    catch_up_evaluations(sweep, storage, tracker, param_space)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=param_space, storage_filesystem=fs)
+    scheduler = None
+    if s.scheduler.type == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(metric=s.scheduler.metric, mode=s.scheduler.mode, max_t=10**6,
+                                                  grace_period=s.scheduler.grace_period,
+                                                  reduction_factor=s.scheduler.reduction_factor)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=s.num_samples, max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=root, storage_filesystem=fs,
+                                  verbose=1 if trainer.VERBOSE else 0, callbacks=[TrialEvents(sweep.name)]),
+    )
 
-    table = results_table(tracker, base.experiment_name, sweep, errored)
+
+def publish_results(sweep: SweepPlan, tracker: Tracker, parent_id: str, errored: set) -> pd.DataFrame:
+    """The results table into the parent run (CSV, markdown, an MLflow table), the best trial tagged."""
+    s = sweep.base.cfg.sweep
+    table = results_table(tracker, sweep.base.experiment_name, sweep, errored)
     close_runs(tracker, table, sweep)
     best = best_trial(table, s.metric, s.mode)
     report = table_markdown(table, best, s.metric, s.mode)
@@ -334,7 +331,7 @@ def catch_up_evaluations(sweep: SweepPlan, storage: RunStorage, tracker: Tracker
     for _, trial in frame[frame["trial"].notna()].drop_duplicates("train_run_id").iterrows():
         overrides = json.loads(tracker.client.get_run(trial["train_run_id"]).data.tags.get(OVERRIDES_TAG) or "{}")
         plan, _ = trial_plan({**param_space, "overrides": overrides})
-        done = read_result(storage, plan.run_name)
+        done = RunDir(storage, plan.run_name).read_result()
         if done is not None and (missing := missing_evaluations(plan, done, sweep.sample_settings)):
             todo.append((plan, done, missing))
     if todo:

@@ -6,6 +6,7 @@ optionally a figure (y against x, one curve per series) and qualitative claims t
 
 from __future__ import annotations
 
+import posixpath
 import tempfile
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from omegaconf import OmegaConf
 
 from .plan import RunPlan
 from .records import KIND_TAG, TABLE, runs_frame
+from .rundir import table_path
 from .storage import RunStorage
-from .tracking import Tracker, log_table
+from .tracking import Tracker
 
 
 def collect_runs(tracker: Tracker, experiment: str) -> pd.DataFrame:
@@ -135,6 +137,20 @@ def render(table: pd.DataFrame, claims: list[str], title: str) -> str:
                                      if claims else "")
 
 
+def log_table(client, run_id: str, frame, artifact_file: str) -> None:
+    """A DataFrame as an MLflow table (the UI shows a .json logged this way as a table). client.log_table
+    appends to a table the run already has; a republished table replaces it instead."""
+    frame = frame.astype(object).where(frame.notna(), "")  # blank cells, not "null"
+    folder = posixpath.dirname(artifact_file) or None
+    if artifact_file not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        client.log_table(run_id, data=frame, artifact_file=artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # the same file format, written over the old one
+        path = Path(tmp) / posixpath.basename(artifact_file)
+        frame.to_json(path, orient="split", index=False, date_format="iso")
+        client.log_artifact(run_id, str(path), folder)
+
+
 def publish_table(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
     """Build, print, store and log the experiment's table (and figure). Returns the markdown."""
     cfg = plan.cfg
@@ -156,10 +172,10 @@ def publish_table(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
                                                                           na_rep="")}
         for name, content in files.items():
             (tmp / name).write_text(content)
-            storage.write_text(f"tables/{plan.experiment_name}/{name}", content)
+            storage.write_text(table_path(plan.experiment_name, name), content)
         figure = reference.get("figure")
         if figure and plot_figure(figure, runs, tmp / "figure.png"):
-            storage.write_bytes(f"tables/{plan.experiment_name}/figure.png", (tmp / "figure.png").read_bytes())
+            storage.write_bytes(table_path(plan.experiment_name, "figure.png"), (tmp / "figure.png").read_bytes())
         tracker.client.log_artifacts(run_id, str(tmp), "table")
     log_table(tracker.client, run_id, table, "table/table.json")  # shown as a table in the UI
     tracker.finish(run_id, "FINISHED")

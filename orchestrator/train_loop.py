@@ -1,13 +1,12 @@
-"""The per-worker training loop that Ray Train runs on every rank: restore → train → evaluate.
+"""The per-worker training loop that Ray Train runs on every rank: resume -> train -> evaluate.
 
 All math is tarflow's train_step; this file adds data sharding, resumption, checkpoint reports and metric
-logging. Evaluation is orchestrator/evaluation.py. Rank 0 logs through a queue that never blocks training
-(tracking.py); what it has not delivered travels inside every checkpoint.
+logging. Evaluation is evaluation.py. Rank 0 logs through a queue that never blocks training (delivery.py);
+what it has not delivered travels inside every checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import tempfile
 import time
@@ -26,14 +25,15 @@ import tarflow
 from tarflow.data import load_dataset
 
 from .datacache import on_this_node
+from .delivery import DRAIN_S, RunLogger
 from .errors import RESUME_FAILED
-from .evaluation import CHECKPOINT_FILE, FINAL_FILE, FIDContext, evaluate_model, evaluate_settings
+from .evaluation import FIDContext, evaluate_model, evaluate_settings
 from .monitoring import node_name, start_system_metrics
 from .periodic import PeriodicEvaluation, start_periodic
 from .plan import RunPlan, plan_run, schedule, train_config
-from .progress import quiet_ray_train_logs
+from .rundir import CHECKPOINT_FILE, RunDir, checkpoint_dir_name, checkpoint_step, read_records, write_records
 from .storage import RunStorage
-from .tracking import BACKLOG_FILE, DRAIN_S, RunLogger
+from .trainer import this_worker
 from .weights import WeightsSource, load_weights
 
 
@@ -47,6 +47,10 @@ class Worker:
     world: int
     device: torch.device
     storage: RunStorage
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.storage, self.plan.run_name)
     board: object = None             # the driver's RunBoard actor (progress lines), if any
     logger: RunLogger | None = None  # rank 0 only
     nodes: list = field(default_factory=list)  # the Ray node id of every rank
@@ -66,7 +70,7 @@ def epoch_batches(dataset, epoch: int, skip_batches: int, per_worker_batch: int,
                       num_workers=num_workers, persistent_workers=False)
 
 
-def report(w: Worker, metrics: dict, state: tarflow.TrainState, **extra) -> None:
+def checkpoint_and_report(w: Worker, metrics: dict, state: tarflow.TrainState, **extra) -> None:
     """Every rank reports; rank 0 attaches the checkpoint (model, optimizer, step, data position, and the
     tracking records not yet delivered)."""
     if w.rank != 0:
@@ -75,9 +79,9 @@ def report(w: Worker, metrics: dict, state: tarflow.TrainState, **extra) -> None
     tmp = Path(tempfile.mkdtemp(prefix="tarflow-ckpt-"))
     tarflow.save_checkpoint(tmp / CHECKPOINT_FILE, state, **extra)
     if w.logger:
-        (tmp / BACKLOG_FILE).write_text(json.dumps(w.logger.queue.pending()))
+        write_records(tmp, w.logger.queue.pending())
     mode = ray.train.CheckpointUploadMode.ASYNC if w.cfg.storage.async_upload else ray.train.CheckpointUploadMode.SYNC
-    name = f"checkpoint_{state.step:08d}"
+    name = checkpoint_dir_name(state.step)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=name,
                      checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
     if mode == ray.train.CheckpointUploadMode.SYNC and w.board is not None:
@@ -87,16 +91,12 @@ def report(w: Worker, metrics: dict, state: tarflow.TrainState, **extra) -> None
 
 
 def start_worker(config: dict) -> Worker:
-    if not config.get("verbose"):
-        quiet_ray_train_logs()
+    rank, world, device, storage = this_worker(config)
     cfg = OmegaConf.create(config["cfg"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     torch.manual_seed(cfg.train.seed * 1000 + rank)
     plan = plan_run(cfg, source=config["source"])
     plan.data = on_this_node(plan.data, cfg.storage.endpoint_url, cfg.data.cache_dir)  # S3 data: fetched once
-    return Worker(cfg, plan, rank, ctx.get_world_size(), ray.train.torch.get_device(), RunStorage(**config["storage"]),
-                  config.get("board"))
+    return Worker(cfg, plan, rank, world, device, storage, config.get("board"))
 
 
 def build_state(w: Worker, total_steps: int, warmup_steps: int) -> tarflow.TrainState:
@@ -108,29 +108,26 @@ def build_state(w: Worker, total_steps: int, warmup_steps: int) -> tarflow.Train
     return tarflow.make_train_state(model, tcfg, wrap=wrap)
 
 
-def start_from(state: tarflow.TrainState, init: dict | None) -> None:
-    """A new run's first weights: model.init_from's (see weights.py), else the random initialisation."""
-    if init is None:
-        return
-    model, ema = load_weights(WeightsSource(**init), state.model.config)
-    state.model.load_state_dict(model)
-    if state.ema is not None:
-        state.ema.load_state_dict(ema if ema is not None else model)
+def resume(w: Worker, state: tarflow.TrainState, chosen: str | None, init: dict | None) -> tuple[bool, list]:
+    """Which checkpoint, then the state restored from it; returns (resumed?, its undelivered tracking records).
 
-
-def restore_latest(w: Worker, state: tarflow.TrainState, resume_from: str | None) -> tuple[bool, list]:
-    """Load the run's latest checkpoint into state: the latest Ray has (this fit's own, after a worker
-    failure), else the one the driver verified before launch. Returns (restored?, tracking backlog)."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            return True, load_into(state, Path(d), checkpoint.path, w.device)
-    if resume_from:
+    `chosen` is the checkpoint the driver picked and verified before the fit started (RunDir.checkpoint_to_resume:
+    the latest complete one, the corrupt or incomplete ones set aside with Ray Train's record of them). Ray Train
+    hands the worker a newer one when it restarted the worker group from a checkpoint of this fit. With neither,
+    a new run starts from model.init_from's weights (weights.py), or else from its random initialisation."""
+    ours = ray.train.get_checkpoint()
+    if ours is not None and checkpoint_step(ours.path) > checkpoint_step(chosen):
+        with ours.as_directory() as d:
+            return True, load_into(state, Path(d), ours.path, w.device)
+    if chosen is not None:
         with tempfile.TemporaryDirectory() as d:
-            for name in (CHECKPOINT_FILE, CHECKPOINT_FILE + tarflow.training.CHECKSUM_SUFFIX, BACKLOG_FILE):
-                if w.storage.read_bytes(f"{w.plan.run_name}/{resume_from}/{name}") is not None:
-                    w.storage.download(f"{w.plan.run_name}/{resume_from}/{name}", Path(d) / name)
-            return True, load_into(state, Path(d), f"{w.storage.describe()}/{w.plan.run_name}/{resume_from}", w.device)
+            w.run.download_checkpoint(chosen, Path(d))
+            return True, load_into(state, Path(d), w.run.describe(chosen), w.device)
+    if init is not None:
+        weights = load_weights(WeightsSource(**init), state.model.config)
+        state.model.load_state_dict(weights.model)
+        if state.ema is not None:
+            state.ema.load_state_dict(weights.ema if weights.ema is not None else weights.model)
     return False, []
 
 
@@ -142,8 +139,7 @@ def load_into(state: tarflow.TrainState, local: Path, stored: str, device: torch
         raise OSError(f"checkpoint {stored} did not arrive intact ({e}); retrying as an I/O error") from None
     except tarflow.CheckpointError as e:  # name the stored checkpoint, not the temporary copy
         raise tarflow.CheckpointError(f"{RESUME_FAILED} {stored}: {e}") from None
-    backlog = local / BACKLOG_FILE
-    return json.loads(backlog.read_text()) if backlog.is_file() else []
+    return read_records(local)
 
 
 def start_logging(w: Worker, config: dict, state: tarflow.TrainState, resumed: bool, backlog: list) -> None:
@@ -177,7 +173,7 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
     every_log, every_ckpt = cfg.train.log_every, cfg.train.checkpoint_every
     started, start_step = time.perf_counter(), state.step
     if total_steps == 0 and state.step == 0:  # evaluate only: the given weights become the run's checkpoint
-        report(w, {"step": 0, "loss": float("nan")}, state, epoch=0)
+        checkpoint_and_report(w, {"step": 0, "loss": float("nan")}, state, epoch=0)
     window = {"t": time.perf_counter(), "steps": 0, "loss": 0.0, "grad_norm": 0.0}
     while state.step < total_steps:
         epoch, offset = divmod(state.step, steps_per_epoch)
@@ -209,7 +205,7 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
                                    w.board if w.rank == 0 else None)
                 window["t"] += seconds  # images/s stays the training throughput
             if state.step % every_ckpt == 0 or state.step == total_steps:
-                report(w, {"step": state.step, "loss": m["loss"]}, state, epoch=epoch)
+                checkpoint_and_report(w, {"step": state.step, "loss": m["loss"]}, state, epoch=epoch)
             if state.step >= total_steps:
                 break
 
@@ -219,11 +215,9 @@ def finish_tracking(w: Worker, final: dict, evaluations: dict, step: int, timeou
     take the rest; what it did not take is kept in storage for the driver to replay. Returns that count."""
     if w.rank != 0:
         return 0
-    w.storage.write_text(f"{w.plan.run_name}/{FINAL_FILE}", json.dumps(
-        {"step": step, "metrics": {**w.last_logged, **final}, "evaluations": evaluations}))
+    w.run.write_final({"step": step, "metrics": {**w.last_logged, **final}, "evaluations": evaluations})
     pending = w.logger.queue.close(timeout) if w.logger else []
-    if pending:
-        w.storage.write_text(f"{w.plan.run_name}/{BACKLOG_FILE}", json.dumps(pending))
+    w.run.backlog.merge(pending)
     return len(pending)
 
 
@@ -235,9 +229,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_set = load_dataset(w.plan.data, "train")
     steps_per_epoch, total_steps, warmup_steps = schedule(w.cfg, len(train_set))
     state = build_state(w, total_steps, warmup_steps)
-    resumed, backlog = restore_latest(w, state, config.get("resume_from"))
-    if not resumed:
-        start_from(state, config.get("init_from"))
+    resumed, backlog = resume(w, state, config.get("resume_from"), config.get("init_from"))
     state.extra["mlflow_run_id"] = config["mlflow_run_id"]
     start_logging(w, config, state, resumed, backlog)
     monitor = None

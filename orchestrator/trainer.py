@@ -1,5 +1,5 @@
-"""Ray: joining or starting a cluster, and the TorchTrainers that run a training run or evaluate finished
-runs on the workers."""
+"""Ray: joining or starting a cluster, and the one way a job (training, re-evaluation, sampling) becomes a
+TorchTrainer on the workers."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ import socket
 
 import ray
 import ray.train
-from omegaconf import OmegaConf
+import ray.train.torch
+import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from .config import redacted
 from .errors import ExperimentError
-from .evaluation import evaluate_checkpoints_per_worker, sample_per_worker
-from .plan import RunPlan
+from .progress import quiet_ray_train_logs
 from .storage import RunStorage
-from .train_loop import train_loop_per_worker
 
 VERBOSE = False  # Ray Train's own INFO lines (worker group, every report, every checkpoint); errors always show
 
@@ -71,48 +69,34 @@ def scaling_config(cfg) -> ray.train.ScalingConfig:
     return ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources)
 
 
-def build_trainer(plan: RunPlan, storage: RunStorage, tracking_uri: str, mlflow_run_id: str,
-                  evaluations: list | tuple = (), callbacks: list | tuple = (), resume_from: str | None = None,
-                  board=None, init_from: dict | None = None) -> TorchTrainer:
-    """evaluations: sample-time settings evaluated on the final model ({"eval": ..., "run_id": ...});
-    resume_from: the checkpoint the driver verified (used when Ray Train has no record of one); board: the
-    driver's progress actor."""
-    cfg = plan.cfg
+def torch_trainer(loop, loop_config: dict, cfg, storage: RunStorage, name: str, max_failures: int = 0,
+                  callbacks=()) -> TorchTrainer:
+    """A TorchTrainer running `loop` on cfg's workers, its Ray Train state in `storage`/`name` (the same name
+    again resumes it). loop_config gets the storage and Ray Train's verbosity added."""
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "source": plan.source,
-                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
-                           "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url},
-                           "resolved_config": redacted(cfg), "resume_from": resume_from, "board": board,
-                           "init_from": init_from,
-                           "evaluations": list(evaluations), "verbose": VERBOSE},
-        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-        scaling_config=scaling_config(cfg),
-        run_config=run_config(cfg, storage, plan.run_name, cfg.cluster.max_failures, callbacks),
-    )
-
-
-def build_evaluator(cfg, storage: RunStorage, tracking_uri: str, jobs: list[dict], name: str) -> TorchTrainer:
-    """Evaluate finished runs from their final checkpoints on cfg's workers; nothing is trained."""
-    return TorchTrainer(
-        evaluate_checkpoints_per_worker,
-        train_loop_config={"jobs": jobs, "tracking_uri": tracking_uri, "verbose": VERBOSE,
+        loop,
+        train_loop_config={**loop_config, "verbose": VERBOSE,
                            "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url}},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
-        run_config=run_config(cfg, storage, name, 0, ()),
+        run_config=run_config(cfg, storage, name, max_failures, callbacks),
     )
 
 
-def build_sampler(cfg, storage: RunStorage, job: dict, name: str) -> TorchTrainer:
-    """Draw many samples of one model on cfg's workers (evaluation.sample_per_worker); nothing is trained."""
-    return TorchTrainer(
-        sample_per_worker,
-        train_loop_config={**job, "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url}},
-        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-        scaling_config=scaling_config(cfg),
-        run_config=run_config(cfg, storage, name, 0, ()),
-    )
+def fit(trainer: TorchTrainer):
+    """Run a trainer to its end; its error (Ray returns it in the result) is raised here."""
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def this_worker(config: dict) -> tuple[int, int, torch.device, RunStorage]:
+    """Inside a Ray Train worker: (rank, world size, device, the job's storage), Ray Train's INFO lines off."""
+    if not config.get("verbose"):
+        quiet_ray_train_logs()
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), RunStorage(**config["storage"])
 
 
 def run_config(cfg, storage: RunStorage, name: str, max_failures: int, callbacks) -> ray.train.RunConfig:

@@ -19,9 +19,8 @@ import torch
 import tarflow
 
 from .errors import ExperimentError
+from .rundir import CHECKPOINT_FILE, RunDir
 from .storage import RunStorage
-
-CHECKPOINT_FILE = "state.pt"
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,23 @@ class WeightsSource:
 
     def describe(self) -> str:
         return f"{self.storage['uri'].rstrip('/')}/{self.file}"
+
+
+def checkpoint_source(rundir: RunDir, checkpoint: str) -> WeightsSource:
+    """A checkpoint of one of our runs."""
+    home = RunStorage(f"{rundir.storage.uri.rstrip('/')}/{rundir.path(checkpoint)}", rundir.storage.endpoint_url)
+    return WeightsSource("checkpoint", {"uri": home.uri, "endpoint_url": home.endpoint_url}, CHECKPOINT_FILE)
+
+
+@dataclass
+class Weights:
+    model: dict                 # state_dict of a model of the config it was loaded for, on the CPU
+    ema: dict | None            # the EMA copy's, when the run kept one
+    step: int | None            # the training step of our checkpoints; None for the authors' layout
+
+    def best(self) -> dict:
+        """What to sample and evaluate: the EMA weights when the run kept them."""
+        return self.ema if self.ema is not None else self.model
 
 
 def find_weights(spec: str, storage: RunStorage, what: str = "model.init_from") -> WeightsSource:
@@ -46,19 +62,27 @@ def find_weights(spec: str, storage: RunStorage, what: str = "model.init_from") 
             else "reference"
         return WeightsSource(kind, {"uri": home.uri, "endpoint_url": home.endpoint_url}, file)
     # a run: its latest checkpoint, in the given storage or as a directory
-    for home, name in ((storage, spec), (RunStorage(str(Path(spec).expanduser().resolve().parent)),
-                                          Path(spec).name)):
-        checkpoints = home.checkpoints(name)
-        if checkpoints:
-            run = RunStorage(f"{home.uri.rstrip('/')}/{name}/{checkpoints[-1]}", home.endpoint_url)
-            return WeightsSource("checkpoint", {"uri": run.uri, "endpoint_url": run.endpoint_url}, CHECKPOINT_FILE)
+    for run in (RunDir(storage, spec), RunDir(RunStorage(str(Path(spec).expanduser().resolve().parent)),
+                                              Path(spec).name)):
+        latest = run.latest_checkpoint()
+        if latest:
+            return checkpoint_source(run, latest)
     raise ExperimentError(f"{what}={spec}: not a run with checkpoints in {storage.describe()} nor a checkpoint "
                           "file (a run's name, a state.pt, an authors' .pth, a path or s3://)")
 
 
-def load_weights(source: WeightsSource, model_config: tarflow.TarFlowConfig) -> tuple[dict, dict | None]:
-    """(model state_dict, EMA state_dict or None) for a model of model_config, on the CPU. A shape or key
-    that does not fit the config is an ExperimentError naming the tensor."""
+def load_model(source: WeightsSource, model_config: tarflow.TarFlowConfig, device) -> tuple[tarflow.TarFlow, int]:
+    """The model to sample and evaluate (EMA weights when the run kept them), in eval mode on device, and its
+    training step (0 for the authors' layout)."""
+    weights = load_weights(source, model_config)
+    model = tarflow.TarFlow(model_config)
+    model.load_state_dict(weights.best())
+    return model.to(device).eval(), weights.step or 0
+
+
+def load_weights(source: WeightsSource, model_config: tarflow.TarFlowConfig) -> Weights:
+    """The weights for a model of model_config, on the CPU. A shape or key that does not fit the config is an
+    ExperimentError naming the tensor."""
     home = RunStorage(**source.storage)
     with tempfile.TemporaryDirectory() as tmp:
         local = home.download(source.file, Path(tmp) / source.file)
@@ -74,7 +98,7 @@ def load_weights(source: WeightsSource, model_config: tarflow.TarFlowConfig) -> 
                         if model_config.to_dict().get(k) != v}
                 raise ExperimentError(f"{source.describe()} holds a model of another shape: (its value, this "
                                       f"run's) = {diff}")
-            return ckpt["model"], ckpt.get("ema")
+            return Weights(ckpt["model"], ckpt.get("ema"), int(ckpt["step"]))
         state = torch.load(local, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # some reproductions wrap the state_dict
@@ -85,7 +109,7 @@ def load_weights(source: WeightsSource, model_config: tarflow.TarFlowConfig) -> 
                               f"{model_config.in_channels}x{model_config.image_size}², {model_config.num_classes} "
                               f"classes, {'NVP' if model_config.nvp else 'VP'}): {e.args[0] if e.args else e}") \
             from None
-    return model.state_dict(), None
+    return Weights(model.state_dict(), None, None)
 
 
 def check_weights(source: WeightsSource, model_config: tarflow.TarFlowConfig) -> None:

@@ -278,7 +278,7 @@ def check_request(cfg, manifest: dict | None = None) -> dict:
     if manifest is None:
         if str(cfg.root).startswith("s3://"):
             raise ConfigError(f"prepared: {cfg.root} is in S3; training reads a node-local copy, made once per "
-                              f"node by orchestrator.datacache.local_data_root(root, endpoint_url, cache_dir)")
+                              f"node by orchestrator.datacache.sync_prepared(root, endpoint_url, cache_dir)")
         manifest = load_manifest(cfg.root_path)
     channels, size, _ = manifest["image_shape"]
     for key, have in (("image_size", size), ("channels", channels)):

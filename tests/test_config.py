@@ -15,7 +15,7 @@ from orchestrator.config import (
     compose_experiment,
     redact_uri,
     redacted_yaml,
-    with_overrides,
+    with_values,
 )
 from orchestrator.cost import estimate_cost
 from orchestrator.errors import ExperimentError
@@ -113,7 +113,7 @@ def cfg(*overrides):
     if not BASE:
         BASE["cfg"] = compose_experiment(TABLE2, ["scale=test"])
     values = dict(o.split("=", 1) for o in overrides)
-    return with_overrides(BASE["cfg"], {k: yaml.safe_load(v) for k, v in values.items()})
+    return with_values(BASE["cfg"], {k: yaml.safe_load(v) for k, v in values.items()})
 
 
 @pytest.mark.parametrize("override", [

@@ -134,7 +134,11 @@ def test_cpu_runs_say_one_line_and_check_nothing(tmp_path):
 
 
 def test_the_workers_get_the_knobs():
+    from orchestrator.plan import train_config  # what each worker builds its training state from
+
     plan, _ = estimates(EXPERIMENTS / "table3_imagenet128_cond.yaml")
-    assert plan.train.grad_accum_steps == 2 and not plan.train.activation_checkpointing
+    train = train_config(plan.cfg)
+    assert train.grad_accum_steps == 2 and not train.activation_checkpointing
     plan, _ = estimates(TABLE2, ["train.activation_checkpointing=true", "train.grad_accum_steps=4"])
-    assert plan.train.activation_checkpointing and plan.train.grad_accum_steps == 4
+    train = train_config(plan.cfg)
+    assert train.activation_checkpointing and train.grad_accum_steps == 4

@@ -14,7 +14,7 @@ import pytest
 import torch
 from prepared_data import FASHION, ROOT, prepare_fashion, python_env, upload_dir, write_npz_batches, write_photo_tree
 
-from orchestrator.datacache import data_info, local_data_root, sync_prepared
+from orchestrator.datacache import data_info, sync_prepared
 from orchestrator.errors import ExperimentError
 from orchestrator.raw_data import SourceTree, detect_kind, plan_source, read_shard
 from tarflow.data import DataConfig, dataset_info, load_dataset, to_uint8
@@ -121,7 +121,7 @@ def test_verify_and_config_checks(tmp_path):
         load_dataset(DataConfig(name="prepared", root=str(tmp_path), channels=1))
     with pytest.raises(ConfigError, match="prepared: DataConfig.root is required"):
         DataConfig(name="prepared")
-    with pytest.raises(ConfigError, match="is in S3.*orchestrator.datacache.local_data_root"):
+    with pytest.raises(ConfigError, match="is in S3.*orchestrator.datacache.sync_prepared"):
         dataset_info(DataConfig(name="prepared", root="s3://bucket/x"))
     with pytest.raises(ConfigError, match="no val split"):
         PreparedDataset(tmp_path, "val")
@@ -143,12 +143,12 @@ def test_local_roots_errors_name_the_command(tmp_path):
     missing = tmp_path / "imagenet64"
     with pytest.raises(ExperimentError, match=rf"{missing} does not exist.*python -m orchestrator.prepare "
                        rf"/path/to/imagenet64 .*{missing} --fid-stats.*scale=smoke runs on a CPU"):
-        local_data_root(str(missing))
+        sync_prepared(str(missing))
     write_prepared(missing, {"train": [2]})
-    assert local_data_root(str(missing)) == str(missing.resolve())
+    assert sync_prepared(str(missing)).path == str(missing.resolve())
     (missing / MANIFEST).unlink()
     with pytest.raises(ExperimentError, match=f"{missing} has no manifest.json: its preparation did not finish"):
-        local_data_root(str(missing))
+        sync_prepared(str(missing))
     (missing / MANIFEST).write_text("[]")
     with pytest.raises(ExperimentError, match="manifest.json is not a valid prepared-data manifest"):
         data_info(DataConfig(name="prepared", root=str(missing)))
@@ -285,7 +285,7 @@ def test_fashion_mnist_into_a_local_dir_and_rerun(ray_local, tmp_path):
     report = prepare(FASHION, str(dest), limit=300, shard_size=100)
     assert (report.shards, report.written, report.already_prepared) == (6, 6, False)
     direct = load_dataset(DataConfig(limit=300, flip=False))
-    ours = load_dataset(DataConfig(name="prepared", root=local_data_root(str(dest)), flip=False))
+    ours = load_dataset(DataConfig(name="prepared", root=sync_prepared(str(dest)).path, flip=False))
     assert torch.equal(to_uint8(stack(ours)[0]), direct.images) and torch.equal(ours.labels, direct.labels)
     manifest = (dest / MANIFEST).read_bytes()
 
@@ -322,7 +322,7 @@ def test_photo_tree_from_s3_skips_and_names_bad_photos(s3_server, ray_local, tmp
     assert splits["train"]["skipped"] == ["train/cat/zz_text.jpg", "train/cat/zz_truncated.jpg"]
     assert (splits["train"]["skipped_count"], splits["train"]["ignored"], splits["train"]["count"]) == (2, 1, 7)
     assert (splits["val"]["skipped_count"], splits["val"]["count"]) == (2, 3)
-    local = local_data_root(f"s3://{bucket}/prepared/afhq16", s3_server.endpoint_url, str(tmp_path / "cache"))
+    local = sync_prepared(f"s3://{bucket}/prepared/afhq16", s3_server.endpoint_url, str(tmp_path / "cache")).path
     direct = load_dataset(DataConfig(name="image_folder", root=str(tmp_path / "afhq"), image_size=16, flip=False))
     good = [i for i, p in enumerate(direct.paths) if Path(p) not in bad]
     ours = PreparedDataset(local, "train", flip=False)
@@ -373,16 +373,16 @@ def test_cache_refetches_damaged_files_and_names_bad_roots(s3_server, fashion_s3
     with pytest.raises(ExperimentError, match=rf"prepared data s3://{bucket}/imagenet64 does not exist.*"
                                               rf"python -m orchestrator.prepare /path/to/imagenet64 .*--endpoint-url "
                                               rf"{ep} --fid-stats.*scale=smoke"):
-        local_data_root(f"s3://{bucket}/imagenet64", ep, cache)
+        sync_prepared(f"s3://{bucket}/imagenet64", ep, cache)
     client.copy_object(Bucket=bucket, Key="partial/train/images-00000.npy",
                        CopySource={"Bucket": bucket, "Key": "fashion32/train/images-00000.npy"})
     with pytest.raises(ExperimentError, match=rf"s3://{bucket}/partial has no manifest.json: its preparation did "
                                               rf"not finish"):
-        local_data_root(f"s3://{bucket}/partial", ep, cache)
+        sync_prepared(f"s3://{bucket}/partial", ep, cache)
     client.put_object(Bucket=bucket, Key="partial/manifest.json", Body=b'{"format": "tarflow-prepared"')
     with pytest.raises(ExperimentError, match=rf"prepared data s3://{bucket}/partial .*manifest.json is not "
                                               rf"valid JSON"):
-        local_data_root(f"s3://{bucket}/partial", ep, cache)
+        sync_prepared(f"s3://{bucket}/partial", ep, cache)
     with pytest.raises(ExperimentError, match=f"s3://{bucket}/partial .*not valid JSON"):
         data_info(DataConfig(name="prepared", root=f"s3://{bucket}/partial"), ep)
 

@@ -13,11 +13,12 @@ from PIL import Image
 import orchestrator.train_loop as loop
 import tarflow
 from orchestrator.config import compose_experiment
+from orchestrator.delivery import RunLogger, deliver
 from orchestrator.evaluation import FIDContext
 from orchestrator.periodic import IMAGE_KEY, start_periodic
 from orchestrator.plan import plan_run, schedule
 from orchestrator.storage import RunStorage
-from orchestrator.tracking import RunLogger, Tracker, deliver
+from orchestrator.tracking import Tracker
 from tarflow.data import load_dataset
 
 TABLE2 = str(EXPERIMENTS / "table2.yaml")
@@ -56,7 +57,7 @@ def train_directly(tmp_path, monkeypatch, overrides, crash_at=None, resume=None)
         if state.step == crash_at:
             raise Crash
 
-    monkeypatch.setattr(loop, "report", report)
+    monkeypatch.setattr(loop, "checkpoint_and_report", report)
     torch.manual_seed(cfg.train.seed * 1000)  # as start_worker seeds rank 0
     w = loop.Worker(cfg, plan, 0, 1, torch.device("cpu"), RunStorage(str(tmp_path / "store")), logger=Recorder())
     train_set = load_dataset(plan.data, "train")
@@ -189,7 +190,7 @@ def test_the_data_set_is_an_mlflow_input_whose_digest_follows_the_data(tmp_path,
 def test_tables_are_logged_as_mlflow_tables_and_replaced_when_published_again(tracker, tmp_path):
     import pandas as pd
 
-    from orchestrator.tracking import log_table
+    from orchestrator.tables import log_table
 
     run_id = new_run(tracker, "table")
     first = pd.DataFrame({"model": ["Glow", "TarFlow (ours)"], "paper": [3.81, None], "ours": [None, 6.3]})
