@@ -310,6 +310,11 @@ def check_values(cfg: DictConfig, source: str) -> None:
     if cfg.eval.periodic_fid_samples == 1:
         raise ExperimentError(f"{source}: eval.periodic_fid_samples=1 is out of range: a FID needs at least 2 "
                               "samples (0 turns it off)")
+    gpus = cfg.cluster.gpus_per_worker
+    if cfg.cluster.use_gpu and gpus != int(gpus):
+        raise ExperimentError(f"{source}: cluster.gpus_per_worker={gpus:g} is not a whole GPU: each training worker "
+                              "is one NCCL rank on one device, and two ranks on one GPU fail at the first collective "
+                              "(after the cluster has started); give each worker 1 GPU (more are not used)")
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ExperimentError(f"{source}: train.batch_size={cfg.train.batch_size} is not divisible by "
                               f"cluster.num_workers={cfg.cluster.num_workers}")

@@ -57,8 +57,7 @@ def estimate(plan: RunPlan, trial: dict | None = None) -> MemoryEstimate:
                              t.grad_accum_steps, ddp=c.num_workers > 1)
     fit = None
     if c.gpu_memory_gb is not None:
-        share = min(1.0, c.gpus_per_worker)  # workers that share a GPU share its memory
-        fit = plan_fit(plan.model, plan.per_worker_batch, int(c.gpu_memory_gb * share * GiB), precision, ema,
+        fit = plan_fit(plan.model, plan.per_worker_batch, int(c.gpu_memory_gb * GiB), precision, ema,
                        c.num_workers, t.activation_checkpointing, t.grad_accum_steps, headroom=HEADROOM)
     return MemoryEstimate(plan=plan, trial=trial or {}, precision=precision, memory=memory, fit=fit)
 

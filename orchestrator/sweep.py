@@ -267,7 +267,7 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
     grid = tuner_of(sweep, storage, param_space).fit()
     errored = {trial_id_of(r) for r in grid if r.error is not None}
     catch_up_evaluations(sweep, storage, tracker, param_space)
-    return publish_results(sweep, tracker, parent_id, errored)
+    return publish_results(sweep, storage, tracker, parent_id, errored)
 
 
 def tuner_of(sweep: SweepPlan, storage: RunStorage, param_space: dict):
@@ -298,10 +298,13 @@ def tuner_of(sweep: SweepPlan, storage: RunStorage, param_space: dict):
     )
 
 
-def publish_results(sweep: SweepPlan, tracker: Tracker, parent_id: str, errored: set) -> pd.DataFrame:
-    """The results table into the parent run (CSV, markdown, an MLflow table), the best trial tagged."""
+def publish_results(sweep: SweepPlan, storage: RunStorage, tracker: Tracker, parent_id: str, errored: set
+                    ) -> pd.DataFrame:
+    """The results table into the parent run (CSV, markdown, an MLflow table), the best trial tagged; what
+    MLflow missed of the trials is replayed first, so the table reads what storage holds."""
+    catch_up_experiment(storage, sweep.base.cfg.experiment.name, tracker)
     s = sweep.base.cfg.sweep
-    table = results_table(tracker, sweep.base.experiment_name, sweep, errored)
+    table = results_table(tracker, sweep.base.experiment_name, sweep, storage, errored)
     close_runs(tracker, table, sweep)
     best = best_trial(table, s.metric, s.mode)
     report = table_markdown(table, best, s.metric, s.mode)
@@ -340,10 +343,12 @@ def catch_up_evaluations(sweep: SweepPlan, storage: RunStorage, tracker: Tracker
         evaluate_many(sweep.base.cfg, storage, tracker, todo, bpd=False, extra_tags={SWEEP_TAG: sweep.name})
 
 
-def results_table(tracker: Tracker, experiment: str, sweep: SweepPlan, errored: set = frozenset()) -> pd.DataFrame:
+def results_table(tracker: Tracker, experiment: str, sweep: SweepPlan, storage: RunStorage,
+                  errored: set = frozenset()) -> pd.DataFrame:
     """One row per trial × sample-time setting, with the trial's train-axis values, the setting's values and
-    the metrics (the trial's, and the setting's own on top). A trial is finished (its run completed), failed
-    (Tune saw an error) or stopped (ASHA ended it early)."""
+    the metrics (the trial's, and the setting's own on top). A trial is finished (its result marker is in
+    storage, the record of truth, whatever MLflow's status says yet), failed (Tune saw an error) or stopped
+    (ASHA ended it early)."""
     frame = runs_frame(tracker.client, experiment, sweep.name)
     if not len(frame):
         return frame
@@ -351,8 +356,9 @@ def results_table(tracker: Tracker, experiment: str, sweep: SweepPlan, errored: 
     axis_keys = [k for a in sweep.train_axes for k in a.key.split(",")]
     setting_keys = list(sweep.sample_settings[0]) if sweep.sample_settings else []
     rows = []
+    finished = {d for d in frame["run_dir"].dropna().unique() if RunDir(storage, d).read_result() is not None}
     for _, r in frame.iterrows():
-        status = "finished" if r["status"] == "FINISHED" else "failed" if r["trial"] in errored else "stopped"
+        status = "finished" if r["run_dir"] in finished else "failed" if r["trial"] in errored else "stopped"
         rows.append({"trial": r["trial"], "run_id": r["train_run_id"], "overrides": r["overrides"],
                      **{k: r.get(k) for k in axis_keys}, "status": status, "stopped_early": status == "stopped",
                      "setting": r["setting"], **{k: r.get(k) for k in setting_keys},

@@ -55,6 +55,7 @@ class Worker:
     logger: RunLogger | None = None  # rank 0 only
     nodes: list = field(default_factory=list)  # the Ray node id of every rank
     last_logged: dict = field(default_factory=dict)
+    reported_loss: float = float("nan")  # the mean loss of the last checkpoint's window, all ranks
 
 
 def epoch_batches(dataset, epoch: int, skip_batches: int, per_worker_batch: int, rank: int, world: int,
@@ -142,6 +143,14 @@ def load_into(state: tarflow.TrainState, local: Path, stored: str, device: torch
     return read_records(local)
 
 
+def retarget(records: list[dict], old_run_id: str | None, run_id: str) -> list[dict]:
+    """A checkpoint's undelivered records for the MLflow run it was written under: when the run resumes into
+    another MLflow run (the old one deleted, or superseded), they go to the live one."""
+    if not old_run_id or old_run_id == run_id:
+        return records
+    return [{**r, "run_id": run_id} if r["run_id"] == old_run_id else r for r in records]
+
+
 def start_logging(w: Worker, config: dict, state: tarflow.TrainState, resumed: bool, backlog: list) -> None:
     """Rank 0 logs; every rank says which node it is on."""
     mine = (ray.get_runtime_context().get_node_id(), socket.gethostname())
@@ -164,50 +173,72 @@ def start_logging(w: Worker, config: dict, state: tarflow.TrainState, resumed: b
         w.logger.log_dict(config["resolved_config"], "config/resolved.json")
 
 
+@dataclass
+class Window:
+    """Sums of a training metric over the steps since the window opened, averaged over all ranks on reading."""
+
+    steps: int = 0
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    opened: float = field(default_factory=time.perf_counter)
+
+    def add(self, m: dict) -> None:
+        self.steps, self.loss, self.grad_norm = self.steps + 1, self.loss + m["loss"], self.grad_norm + m["grad_norm"]
+
+    def mean(self, w: Worker) -> tuple[float, float]:
+        """(loss, grad norm) averaged over the window's steps and every rank (equal shares of the batch)."""
+        stats = torch.tensor([self.loss, self.grad_norm], device=w.device, dtype=torch.float64) / self.steps
+        if w.world > 1:
+            dist.all_reduce(stats)
+            stats /= w.world
+        return stats[0].item(), stats[1].item()
+
+
 def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int, total_steps: int,
           periodic: PeriodicEvaluation | None = None) -> None:
     """Steps until total_steps: metrics every train.log_every, a periodic evaluation every eval.every_steps (if
     on), a checkpoint every train.checkpoint_every (after the evaluation of its step, so a resume from it does
-    not evaluate that step again)."""
+    not evaluate that step again), reporting the mean loss since the last checkpoint (what a sweep compares)."""
     cfg = w.cfg
     every_log, every_ckpt = cfg.train.log_every, cfg.train.checkpoint_every
     started, start_step = time.perf_counter(), state.step
     if total_steps == 0 and state.step == 0:  # evaluate only: the given weights become the run's checkpoint
         checkpoint_and_report(w, {"step": 0, "loss": float("nan")}, state, epoch=0)
-    window = {"t": time.perf_counter(), "steps": 0, "loss": 0.0, "grad_norm": 0.0}
+    window, since_report = Window(), Window()
     while state.step < total_steps:
         epoch, offset = divmod(state.step, steps_per_epoch)
         for x, y in epoch_batches(train_set, epoch, offset, w.plan.per_worker_batch, w.rank, w.world,
                                   cfg.train.seed, cfg.data.num_workers):
             x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
             m = tarflow.train_step(state, x, y)
-            state.extra["last_loss"] = m["loss"]
-            window["steps"] += 1
-            window["loss"] += m["loss"]
-            window["grad_norm"] += m["grad_norm"]
+            window.add(m)
+            since_report.add(m)
             if state.step % every_log == 0 or state.step == total_steps:
-                stats = torch.tensor([window["loss"], window["grad_norm"]], device=w.device) / window["steps"]
-                if w.world > 1:
-                    dist.all_reduce(stats)
-                    stats /= w.world
-                elapsed = time.perf_counter() - window["t"]
-                w.last_logged = {"loss": stats[0].item(), "grad_norm": stats[1].item(), "lr": m["lr"],
-                                 "epoch": state.step / steps_per_epoch,
-                                 "images_per_sec": window["steps"] * cfg.train.batch_size / elapsed}
-                if w.logger:
-                    w.logger.log_metrics(w.last_logged, step=state.step)
-                if w.rank == 0 and w.board is not None:
-                    w.board.progress.remote({**w.last_logged, "step": state.step, "total": total_steps,
-                                             "start_step": start_step, "elapsed": time.perf_counter() - started})
-                window.update(t=time.perf_counter(), steps=0, loss=0.0, grad_norm=0.0)
+                log_progress(w, window, m, state.step, steps_per_epoch, total_steps, start_step, started)
+                window = Window()
             if periodic is not None and periodic.due(state.step):
                 seconds = periodic(state.ema if state.ema is not None else state.model, state.step, w.logger,
                                    w.board if w.rank == 0 else None)
-                window["t"] += seconds  # images/s stays the training throughput
+                window.opened += seconds  # images/s stays the training throughput
             if state.step % every_ckpt == 0 or state.step == total_steps:
-                checkpoint_and_report(w, {"step": state.step, "loss": m["loss"]}, state, epoch=epoch)
+                w.reported_loss = since_report.mean(w)[0]
+                checkpoint_and_report(w, {"step": state.step, "loss": w.reported_loss}, state, epoch=epoch)
+                since_report = Window()
             if state.step >= total_steps:
                 break
+
+
+def log_progress(w: Worker, window: Window, m: dict, step: int, steps_per_epoch: int, total_steps: int,
+                 start_step: int, started: float) -> None:
+    """The window's metrics to MLflow (rank 0) and a progress line to the driver."""
+    loss, grad_norm = window.mean(w)
+    w.last_logged = {"loss": loss, "grad_norm": grad_norm, "lr": m["lr"], "epoch": step / steps_per_epoch,
+                     "images_per_sec": window.steps * w.cfg.train.batch_size / (time.perf_counter() - window.opened)}
+    if w.logger:
+        w.logger.log_metrics(w.last_logged, step=step)
+    if w.rank == 0 and w.board is not None:
+        w.board.progress.remote({**w.last_logged, "step": step, "total": total_steps, "start_step": start_step,
+                                 "elapsed": time.perf_counter() - started})
 
 
 def finish_tracking(w: Worker, final: dict, evaluations: dict, step: int, timeout: float = DRAIN_S) -> int:
@@ -230,6 +261,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch, total_steps, warmup_steps = schedule(w.cfg, len(train_set))
     state = build_state(w, total_steps, warmup_steps)
     resumed, backlog = resume(w, state, config.get("resume_from"), config.get("init_from"))
+    backlog = retarget(backlog, state.extra.get("mlflow_run_id"), config["mlflow_run_id"])
     state.extra["mlflow_run_id"] = config["mlflow_run_id"]
     start_logging(w, config, state, resumed, backlog)
     monitor = None
@@ -255,5 +287,5 @@ def train_loop_per_worker(config: dict) -> None:
     if monitor is not None:
         monitor.finish()
     # the loss too, since a sweep's scheduler needs its metric in every report
-    ray.train.report({"step": state.step, "loss": float(state.extra.get("last_loss", "nan")), **final,
+    ray.train.report({"step": state.step, "loss": w.reported_loss, **final,
                       "tracking_pending": pending})

@@ -199,3 +199,12 @@ def test_what_is_watched_during_training_changes_neither_the_run_nor_its_evaluat
 def test_a_periodic_fid_of_one_sample_is_refused():
     with pytest.raises(ExperimentError, match="eval.periodic_fid_samples=1 is out of range"):
         cfg("eval.periodic_fid_samples=1")
+
+
+@pytest.mark.parametrize("gpus", ["0.5", "1.5"])
+def test_a_fraction_of_a_gpu_per_worker_is_refused_before_any_work(tmp_path, gpus):
+    """Two NCCL ranks on one GPU fail at the first collective, after the cluster has started."""
+    r = run_main(main, [TABLE2, "cluster=a100_80gb", f"cluster.gpus_per_worker={gpus}", "--dry-run"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"cluster.gpus_per_worker={gpus}" in r.stderr and "whole GPU" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ storage are in test_run.py.)"""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -139,3 +140,31 @@ def test_storage_gone_for_good_ends_in_one_paragraph(tmp_path):
     client = MlflowClient(uri)
     (run,) = training_run(client, "gone")
     assert run.info.status == "FAILED" and "lost its storage" in run.data.tags["tarflow.failure"]
+
+
+def test_a_killed_run_whose_mlflow_run_was_deleted_resumes_into_a_live_run(tmp_path, local_ray):
+    """Killed after a checkpoint, its MLflow run deleted meanwhile: the relaunch delivers every step after the
+    checkpoint (and what the checkpoint carried) to a new, live MLflow run and leaves no backlog behind."""
+    from orchestrator.run import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [TABLE2, *TEST, "train.steps=60", "train.checkpoint_every=20", "train.log_every=10",
+            "storage.async_upload=false", f"tracking.uri={uri}", "experiment.name=deleted"]
+    log = tmp_path / "first.log"
+    proc = start(args, tmp_path, log)
+    wait_for(lambda: any((tmp_path / "runs").glob("deleted-*/checkpoint_00000020/state.pt.sha256")), proc, log)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    client = MlflowClient(uri)
+    (old,) = training_run(client, "deleted")
+    client.delete_run(old.info.run_id)
+
+    r = run_main(main, args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run,) = training_run(client, "deleted")
+    assert run.info.run_id != old.info.run_id and run.info.status == "FINISHED"
+    logged = loss_steps(client, run.info.run_id)
+    assert logged[-1] == 60 and [s for s in logged if s > 20] == [30, 40, 50, 60], logged
+    run_dir = next((tmp_path / "runs").glob("deleted-*"))
+    assert not (run_dir / "tracking_backlog.json").exists()
+    assert "bpd" in run.data.metrics

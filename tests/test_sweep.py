@@ -172,3 +172,41 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server, l
     assert any(" reported step " in line for line in events), r.stdout[-3000:]
     assert any(" finished: " in line or " stopped early " in line for line in events), r.stdout[-3000:]
     assert "Trial status:" not in r.stdout and "Reporting training result" not in r.stdout + r.stderr
+
+
+def test_a_trial_is_finished_when_storage_says_so_even_if_mlflow_is_behind(tmp_path):
+    """The sweep's table classes a trial by its result marker, the record of truth: a trial whose FINISHED
+    status is still queued for MLflow is finished, not stopped (nor tagged KILLED, nor left out of the best)."""
+    from orchestrator.lifecycle import load_experiment
+    from orchestrator.records import KIND_TAG, OVERRIDES_TAG, STORAGE_TAG, SWEEP_TAG, TRIAL_TAG, flat_params
+    from orchestrator.rundir import RunDir
+    from orchestrator.storage import RunStorage
+    from orchestrator.sweep import best_trial, close_runs, results_table, sweep_of, trial_plan
+    from orchestrator.tracking import Tracker
+
+    plan, _, _ = load_experiment(ASHA_SWEEP, TEST, require_data=False)
+    sweep = sweep_of(plan, require_data=False)
+    storage = RunStorage(str(tmp_path / "store"))
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = tracker.experiment_id(plan.experiment_name)
+    base = {"base": json.loads(json.dumps(__import__("omegaconf").OmegaConf.to_container(plan.cfg, resolve=True))),
+            "source": plan.source}
+    ids = {}
+    for trial, (value, finished) in enumerate([(2, True), (4, False)]):
+        overrides = {sweep.train_axes[0].key: value}
+        trial_run, _ = trial_plan({**base, "overrides": overrides})
+        ids[value] = tracker.start_run(exp_id, trial_run.run_key, trial_run.display_name, flat_params(trial_run.cfg),
+                                       tags={SWEEP_TAG: sweep.name, TRIAL_TAG: f"t{trial}", KIND_TAG: "run",
+                                             OVERRIDES_TAG: json.dumps(overrides),
+                                             STORAGE_TAG: json.dumps({"uri": storage.uri, "endpoint_url": None,
+                                                                      "run_name": trial_run.run_name})})
+        tracker.client.log_metric(ids[value], "loss", 1.0 + value)
+        if finished:  # its result is in storage; MLflow's FINISHED is still in the queue: the run reads RUNNING
+            RunDir(storage, trial_run.run_name).write_result({"metrics": {"loss": 3.0}})
+    table = results_table(tracker, plan.experiment_name, sweep, storage)
+    status = dict(zip(table[sweep.train_axes[0].key].astype(str), table["status"]))
+    assert status == {"2": "finished", "4": "stopped"}, table
+    close_runs(tracker, table, sweep)
+    assert tracker.client.get_run(ids[2]).info.status == "RUNNING"  # not KILLED: its own driver finishes it
+    assert tracker.client.get_run(ids[4]).info.status == "KILLED"
+    assert best_trial(table, "loss", "min")["run_id"] == ids[2]

@@ -54,6 +54,7 @@ def train_directly(tmp_path, monkeypatch, overrides, crash_at=None, resume=None)
 
     def report(w, metrics, state, **extra):
         checkpoints[state.step] = tarflow.training.checkpoint_dict(state)
+        w.reported = {**getattr(w, "reported", {}), state.step: metrics}
         if state.step == crash_at:
             raise Crash
 
@@ -71,6 +72,7 @@ def train_directly(tmp_path, monkeypatch, overrides, crash_at=None, resume=None)
         loop.train(w, state, train_set, steps_per_epoch, total, periodic)
     except Crash:
         pass
+    w.logger.worker = w
     return w.logger, state, checkpoints
 
 
@@ -101,6 +103,18 @@ def test_periodic_evaluation_leaves_the_training_trajectory_alone_and_keeps_its_
     assert [s for _, s, _ in first.images + second.images] == [4, 8, 12]
     # the same weights give the same figure: the subset and its dequantisation noise are fixed
     assert first.metrics[4]["periodic/bpd"] == evaluated[4]["periodic/bpd"]
+
+
+def test_a_checkpoint_reports_the_mean_loss_since_the_last_one(tmp_path, monkeypatch):
+    """What a sweep's scheduler (ASHA) compares trials by: the loss of every step since the last report, averaged
+    over all ranks, not the last batch of rank 0."""
+    logged, _, _ = train_directly(tmp_path, monkeypatch, [])
+    w = logged.worker
+    losses = {s: m["loss"] for s, m in logged.metrics.items()}  # log_every=1: every step's loss
+    assert sorted(w.reported) == [4, 8, 12]
+    for end in (4, 8, 12):
+        mean = sum(losses[s] for s in range(end - 3, end + 1)) / 4
+        assert w.reported[end]["loss"] == pytest.approx(mean, rel=1e-6), (end, w.reported[end], mean)
 
 
 @pytest.fixture(scope="module")
