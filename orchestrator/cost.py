@@ -97,8 +97,9 @@ def training_steps(cfg, train_size: int | None = None) -> int | None:
 
 
 def estimate_cost(plan: RunPlan, precision: str | None = None, train_size: int | None = None) -> Cost | None:
-    """One config's training cost; None when its length is unknown. precision: another than the run's own
-    (a faster alternative); a measured throughput is then scaled by the ratio of the two peaks."""
+    """One config's training cost; None when its length is unknown. precision: another than the run's own (a
+    faster alternative), costed from the FLOPs: a measured throughput holds for the precision it was measured in
+    only (on an H200 fp32 ran at 69% of its peak, bf16 and TF32 at 25-39% of theirs: benchmarks/README.md)."""
     cfg = plan.cfg
     steps = training_steps(cfg, train_size)
     if steps is None:
@@ -110,11 +111,9 @@ def estimate_cost(plan: RunPlan, precision: str | None = None, train_size: int |
     run_precision = compute_precision(cfg)
     precision = precision or run_precision
     peak = peak_tflops(c, precision, run_precision)
-    if c.images_per_sec_per_gpu:  # measured as configured (with checkpointing on, if it is)
-        ratio = peak / peak_tflops(c, run_precision, run_precision)
-        per_gpu = c.images_per_sec_per_gpu * ratio
-        source = f"cluster.images_per_sec_per_gpu={c.images_per_sec_per_gpu:g}, measured in {run_precision}" + (
-            f", × {ratio:.3g} (the {precision} / {run_precision} peaks)" if precision != run_precision else "")
+    if c.images_per_sec_per_gpu and precision == run_precision:  # measured as configured (checkpointing too)
+        per_gpu = c.images_per_sec_per_gpu
+        source = f"cluster.images_per_sec_per_gpu={per_gpu:g}, measured in {run_precision}"
     else:
         flops = plan.model.flops_per_image(training=True)
         recompute = ""
@@ -213,7 +212,8 @@ def describe_cost(plan: RunPlan, sweep=None, bill: Bill | None = None) -> str:
         lines.append(f"            {own}, as configured; faster, with other numerics (paste as overrides):")
         width = max(len(OVERRIDE[p]) for p, _ in faster)
         lines += [f"              {OVERRIDE[p]:<{width}}  {b.gpu_hours:>9,.0f} GPU-hours {b.days:6,.1f} days  "
-                  f"{bill.gpu_hours / b.gpu_hours:.1f}x faster ({b.costs[0].peak_tflops or 0:g} TFLOP/s peak): "
+                  f"{bill.gpu_hours / b.gpu_hours:.1f}x faster ({c.assumed_mfu:.0%} of {b.costs[0].peak_tflops:g} "
+                  f"TFLOP/s): "
                   f"{TRADE_OFFS[p]}" for p, b in faster]
     return "\n".join(lines)
 
