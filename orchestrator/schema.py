@@ -64,6 +64,9 @@ class TrainSection:
     noise_std: float = 0.05
     label_drop: float = 0.1
     precision: str = "auto"         # auto (bf16 on GPU for Gaussian noise), fp32, bf16
+    # TF32 matmuls for fp32 work on CUDA: ~8x fp32's peak, other numerics (part of the run identity); the
+    # authors' code leaves it off, as PyTorch does
+    tf32: bool = False
     grad_clip: Optional[float] = None
     ema_decay: Optional[float] = None
     compile: bool = False
@@ -137,6 +140,10 @@ class StorageSection:
     endpoint_url: Optional[str] = None  # S3-compatible endpoint (MinIO, SeaweedFS); credentials from the AWS chain
     keep_checkpoints: int = 2
     async_upload: bool = True
+    # for the dry run's checkpoint bill, MB/s (10^6 bytes): null takes the figures benchmarks/bench_storage.py
+    # measured here (orchestrator/cost.py; for a real S3 bucket an assumption: measure yours)
+    write_mb_per_s: Optional[float] = None        # upload to storage.uri (S3, or a local directory)
+    local_write_mb_per_s: Optional[float] = None  # tarflow.save_checkpoint to the worker's disk, before the upload
 
 
 @dataclass
@@ -149,6 +156,15 @@ class TrackingSection:
 
 
 @dataclass
+class PeakSection:
+    """Dense peak TFLOP/s of one GPU per precision (default: an A100's)."""
+
+    bf16: float = 312.0
+    tf32: float = 156.0
+    fp32: float = 19.5              # no tensor cores: what fp32 matmuls get without TF32
+
+
+@dataclass
 class ClusterSection:
     address: Optional[str] = None   # Ray cluster; default RAY_ADDRESS, else a local instance
     num_workers: int = 2
@@ -157,10 +173,14 @@ class ClusterSection:
     gpus_per_worker: float = 1.0
     num_cpus: Optional[int] = None  # CPUs of a local Ray instance started by the command
     max_failures: int = 1           # worker-group restarts from the last checkpoint
-    # for --dry-run cost estimates: a measured throughput (benchmarks/), else peak FLOP/s × an assumed MFU
+    # for --dry-run cost estimates: a measured throughput (benchmarks/bench_gpu.py, at the run's precision), else
+    # the model's FLOPs at assumed_mfu of the peak of the precision the run computes in
     images_per_sec_per_gpu: Optional[float] = None
-    gpu_peak_tflops: float = 312.0  # A100 bf16 dense
+    gpu_type: Optional[str] = None  # what the budget calls the GPU (the presets name it)
+    peak_tflops: PeakSection = field(default_factory=PeakSection)
+    gpu_peak_tflops: Optional[float] = None  # one number: the peak of the precision the run computes in
     assumed_mfu: float = 0.3
+    price_per_gpu_hour: Optional[float] = None  # for the budget's price column, in any currency
     # memory of one GPU in GiB as torch reports it (total_memory / 2**30; the presets in conf/cluster set it):
     # a GPU run whose estimated training memory exceeds 90% of it is refused before any cluster work
     gpu_memory_gb: Optional[float] = None  # null: not checked (the dry run says so)

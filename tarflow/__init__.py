@@ -2,7 +2,7 @@
 
 from .jacobi import BlockPlan, JacobiPlan, JacobiStats, jacobi_reverse, plan_jacobi
 from .likelihood import bits_per_dim, dequantize_uniform, nll_per_dim
-from .memory import FitOption, FitPlan, plan_fit, training_memory
+from .memory import FitOption, FitPlan, checkpoint_bytes, plan_fit, training_memory
 from .model import ConfigError, TarFlow, TarFlowConfig
 from .sampling import denoise, sample, sample_grid, score
 from .training import (
@@ -29,5 +29,5 @@ __all__ = [
     "TrainConfig", "TrainState", "flow_loss", "make_train_state", "train_step", "lr_at",
     "save_checkpoint", "load_checkpoint", "restore", "model_from_checkpoint", "CheckpointError",
     "CheckpointCorrupt", "verify_checkpoint",
-    "training_memory", "plan_fit", "FitPlan", "FitOption",
+    "training_memory", "checkpoint_bytes", "plan_fit", "FitPlan", "FitOption",
 ]

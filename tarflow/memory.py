@@ -224,6 +224,27 @@ def training_memory(config: TarFlowConfig, batch_size: int, precision: str = "fp
     return out
 
 
+# What torch.save adds per tensor beyond its bytes: the zip record of its storage (header, name, padding to
+# 64-byte alignment, central directory entry) and the pickled rebuild call with its key; measured on
+# tarflow.save_checkpoint files (about 300 bytes per tensor, tests/test_cost.py holds the total to ±5%)
+TENSOR_RECORD_BYTES = 300
+CHECKPOINT_HEADER_BYTES = 8 * 1024  # the configs, step and extras pickled beside the tensors
+
+
+def checkpoint_bytes(config: TarFlowConfig, ema: bool = False) -> int:
+    """Bytes of the file tarflow.save_checkpoint writes for this model once AdamW has stepped: the fp32
+    weights and the prior buffer, AdamW's two fp32 moments and step count per parameter, an EMA copy of the
+    weights and buffer (when ema), and torch.save's per-tensor records. Independent of the batch and the
+    precision (autocast keeps fp32 weights and moments)."""
+    shapes = _shapes(config)
+    state = _state_bytes(shapes)
+    weights = state["params"]  # parameters and the prior buffer, as the state_dict holds them
+    num_params = shapes.repeated(len(list(shapes.block.parameters())), len(list(shapes.layer.parameters())))
+    tensors = (num_params + 1) * (2 if ema else 1) + 3 * num_params  # state_dicts; exp_avg, exp_avg_sq, step
+    return (weights * (2 if ema else 1) + state["optimizer"] + tensors * TENSOR_RECORD_BYTES
+            + CHECKPOINT_HEADER_BYTES)
+
+
 def recompute_flops_per_image(config: TarFlowConfig) -> float:
     """FLOPs activation checkpointing adds per training image: one more forward of every transformer
     layer (the projections outside the layers are not recomputed). Forward FLOPs grow linearly in the
@@ -373,5 +394,5 @@ def plan_fit(config: TarFlowConfig, per_gpu_batch: int, gpu_memory_bytes: int, p
     return dataclasses.replace(plan, options=options)
 
 
-__all__ = ["CUDA_OVERHEAD_BYTES", "GPU_MEMORY", "FitOption", "FitPlan", "plan_fit", "recompute_flops_per_image",
-           "training_memory"]
+__all__ = ["CUDA_OVERHEAD_BYTES", "GPU_MEMORY", "FitOption", "FitPlan", "checkpoint_bytes", "plan_fit",
+           "recompute_flops_per_image", "training_memory"]

@@ -40,6 +40,10 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False  # recompute each transformer layer in backward (see tarflow.memory)
     grad_accum_steps: int = 1   # micro-batches per optimizer step; the batch given to train_step is split
+    # TF32 matmuls for fp32 work on CUDA (10-bit mantissa inputs, fp32 sums): ~8x the fp32 peak of an A100 or
+    # H100, other numerics. make_train_state sets it for the whole process when the model is on CUDA; the
+    # authors' code leaves it off (PyTorch's default)
+    tf32: bool = False
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -118,6 +122,8 @@ def make_train_state(model: TarFlow, cfg: TrainConfig, wrap: Callable[[nn.Module
                      ) -> TrainState:
     """wrap: e.g. DistributedDataParallel; applied before torch.compile."""
     model.set_activation_checkpointing(cfg.activation_checkpointing)
+    if any(p.is_cuda for p in model.parameters()):
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     net = wrap(model) if wrap else model
     if cfg.compile:
         net = torch.compile(net)
