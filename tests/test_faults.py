@@ -148,11 +148,11 @@ def test_a_killed_run_whose_mlflow_run_was_deleted_resumes_into_a_live_run(tmp_p
     from orchestrator.run import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [TABLE2, *TEST, "train.steps=60", "train.checkpoint_every=20", "train.log_every=10",
-            "storage.async_upload=false", f"tracking.uri={uri}", "experiment.name=deleted"]
+    args = [TABLE2, *TEST, "model.arch=4-128-2-2", "train.steps=600", "train.checkpoint_every=200",
+            "train.log_every=50", "storage.async_upload=false", f"tracking.uri={uri}", "experiment.name=deleted"]
     log = tmp_path / "first.log"
     proc = start(args, tmp_path, log)
-    wait_for(lambda: any((tmp_path / "runs").glob("deleted-*/checkpoint_00000020/state.pt.sha256")), proc, log)
+    wait_for(lambda: any((tmp_path / "runs").glob("deleted-*/checkpoint_00000200/state.pt.sha256")), proc, log)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     client = MlflowClient(uri)
@@ -163,8 +163,10 @@ def test_a_killed_run_whose_mlflow_run_was_deleted_resumes_into_a_live_run(tmp_p
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (run,) = training_run(client, "deleted")
     assert run.info.run_id != old.info.run_id and run.info.status == "FINISHED"
+    (resumed,) = [m.step for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
     logged = loss_steps(client, run.info.run_id)
-    assert logged[-1] == 60 and [s for s in logged if s > 20] == [30, 40, 50, 60], logged
+    assert 200 <= resumed < 600 and [s for s in logged if s > resumed] == list(range(resumed + 50, 601, 50)), \
+        (resumed, logged)
     run_dir = next((tmp_path / "runs").glob("deleted-*"))
     assert not (run_dir / "tracking_backlog.json").exists()
     assert "bpd" in run.data.metrics
