@@ -22,6 +22,13 @@ def _tarflow_modules() -> dict[str, ast.Module]:
     return {path.stem: ast.parse(path.read_text()) for path in sorted((ROOT / "tarflow").glob("*.py"))}
 
 
+def test_no_function_in_tarflow_over_60_lines():
+    long = [f"tarflow/{name}.py:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for name, tree in _tarflow_modules().items() for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, long
+
+
 def _imported_siblings(tree: ast.Module, names: set[str]) -> set[str]:
     """tarflow modules a module imports anywhere in it, function bodies included."""
     found = set()
