@@ -47,7 +47,9 @@ class DataConfig:
     # "pad": centre on black, only grows; "resize": shorter side + centre crop. Folders always resize.
     fit: str = "pad"
     channels: int | None = None    # 1 or 3 (gray->RGB by repeat, RGB->gray by mean); None = native
-    flip: bool = True              # random horizontal flips on the train split (paper); never on val
+    # horizontal flips of the train split (never val), by (epoch, index): ImageDataset; training flips
+    # through TrainConfig.flip instead, on datasets built with flip=False
+    flip: bool = True
     limit: int | None = None       # only the first `limit` images of a split (CPU smoke runs)
 
     def __post_init__(self):

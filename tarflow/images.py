@@ -1,6 +1,6 @@
 """uint8 images and the dataset they become: the pixel conversions and the base dataset that data, prepared
-and fid share. Imports no other tarflow module, so the arrows run one way: data -> prepared -> images,
-fid -> prepared, fid -> images.
+and fid share. It imports none of them, so the arrows run one way: data -> prepared -> images, fid ->
+prepared, fid -> images.
 
 Every dataset yields (x, y): x (C, H, W) float32 = u8/127.5 - 1, so (x + 1)·127.5 rounds back to the exact
 stored byte (the likelihood in bits/dim is defined on those integers), and y an int64 class.
@@ -11,9 +11,17 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from .randomness import flip_coin, sample_key
+
 
 class ImageDataset(Dataset):
-    """uint8 images (in memory, or decoded by a subclass's `image`) -> (x in [-1, 1], label)."""
+    """uint8 images (in memory, or decoded by a subclass's `image`) -> (x in [-1, 1], label).
+
+    flip: mirror image i when flip_coin(sample_key(seed, epoch, i)) says so, a function of (seed, epoch,
+    index) alone (set_epoch), so it is the same in every DataLoader worker and after a restart. Training
+    flips through TrainConfig.flip instead (keyed by the sample's step and position, like its noise), with
+    datasets built with flip=False.
+    """
 
     def __init__(self, labels: torch.Tensor, num_classes: int, channels: int, image_size: int, flip: bool,
                  images: torch.Tensor | None = None):
@@ -23,6 +31,13 @@ class ImageDataset(Dataset):
         self.channels = channels
         self.image_size = image_size
         self.flip = flip
+        self.flip_seed = 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int, seed: int = 0) -> None:
+        """The flips of (seed, epoch). Call it before the epoch's DataLoader iterator starts: worker processes
+        take their copy of the dataset then (persistent workers keep the copy of their first epoch)."""
+        self.epoch, self.flip_seed = epoch, seed
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -33,7 +48,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.image(i)
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and flip_coin(sample_key(self.flip_seed, self.epoch, int(i))):
             x = x.flip(-1)
         return x.float() / 127.5 - 1, self.labels[i]
 

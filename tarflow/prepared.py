@@ -194,8 +194,8 @@ def verify(root: str | os.PathLike, checksums: bool = True) -> dict:
 
 
 class PreparedDataset(ImageDataset):
-    """The `split` of a prepared root: (x in [-1, 1] float32, label), random flips on train only, exactly as
-    the direct loaders. Labels are held (8 bytes an image); images are read from the shard files per item.
+    """The `split` of a prepared root: (x in [-1, 1] float32, label), flips (ImageDataset) as the direct
+    loaders have them. Labels are held (8 bytes an image); images are read from the shard files per item.
 
     limit: only the first `limit` images. Pickles without its open files (reopened on first use).
     """
