@@ -94,7 +94,7 @@ def features_of_dataset(extractor: InceptionFeatures, dataset: Dataset, batch_si
     flips=True adds every image's horizontal mirror, so the reference statistics cover the same
     distribution the model was trained on (random flips, the paper's "with the same flips") and are
     deterministic: {x, mirror(x)} is the same pair whether or not the dataset flipped x itself.
-    With flips=False, build the dataset with DataConfig(flip=False) for repeatable statistics.
+    With flips=False, build the dataset with DataConfig(flip=False) for the images as stored.
     limit: only the first `limit` images (before mirroring).
     """
     if limit is not None:
