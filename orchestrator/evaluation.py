@@ -153,7 +153,7 @@ def reference_statistics(data_cfg: DataConfig, fid_cfg, storage, extractor, rank
     from tarflow.fid import FEATURE_DIM, FIDStatistics, reference_stats_key
 
     if data_cfg.name == "prepared" and fid_cfg.flips and not fid_cfg.reference_images:
-        from tarflow.prepared import prepared_fid_statistics
+        from tarflow.fid import prepared_fid_statistics
 
         stored = prepared_fid_statistics(data_cfg.root)  # made where the data was prepared, on the paper's protocol
         if stored is not None:

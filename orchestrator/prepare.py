@@ -24,7 +24,7 @@ receives fixed-size uint8 shards, their checksums and a manifest (format: tarflo
 - `--fid-stats`: the FID reference statistics of the train split with flips (the paper's protocol, as
   orchestrator.evaluation computes them: TF-FID Inception pool3 features of every image and its mirror),
   computed by Ray tasks over the shards (on GPUs when the cluster has them) into DEST/fid_stats.npz and
-  recorded in the manifest; `tarflow.prepared.prepared_fid_statistics(local_root)` reads them back.
+  recorded in the manifest; `tarflow.fid.prepared_fid_statistics(local_root)` reads them back.
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
         for x, y in epoch_batches(train_set, epoch, offset, w.plan.per_worker_batch, w.rank, w.world,
                                   cfg.train.seed, cfg.data.num_workers):
             x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
-            m = tarflow.train_step(state, x, y)
+            # DistributedSampler's layout: this rank holds positions rank, rank + world, ... of the global batch
+            m = tarflow.train_step(state, x, y, positions=torch.arange(len(x)) * w.world + w.rank)
             window.add(m)
             since_report.add(m)
             if state.step % every_log == 0 or state.step == total_steps:

@@ -4,6 +4,7 @@ from .jacobi import BlockPlan, JacobiPlan, JacobiStats, jacobi_reverse, plan_jac
 from .likelihood import bits_per_dim, dequantize_uniform, nll_per_dim
 from .memory import FitOption, FitPlan, checkpoint_bytes, plan_fit, training_memory
 from .model import ConfigError, TarFlow, TarFlowConfig
+from .randomness import initial_model
 from .sampling import denoise, sample, sample_grid, score
 from .training import (
     CheckpointCorrupt,
@@ -22,7 +23,7 @@ from .training import (
 )
 
 __all__ = [
-    "TarFlow", "TarFlowConfig", "ConfigError",
+    "TarFlow", "TarFlowConfig", "ConfigError", "initial_model",
     "bits_per_dim", "nll_per_dim", "dequantize_uniform",
     "sample", "denoise", "score", "sample_grid",
     "jacobi_reverse", "plan_jacobi", "JacobiPlan", "BlockPlan", "JacobiStats",

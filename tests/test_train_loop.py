@@ -34,6 +34,17 @@ def test_a_global_step_sees_the_same_images_whatever_the_number_of_workers():
     assert steps(1) == steps(2) == steps(4)
 
 
+def test_rank_r_holds_positions_r_plus_world_times_i_of_the_global_batch():
+    """The positions train_loop gives train_step (they key each image's flip, noise and label drop)."""
+    data = TensorDataset(torch.zeros(96, 1), torch.arange(96))
+    whole = batches_of(data, 0, 0, 16, 0, 1)
+    for world in (2, 4):
+        for rank in range(world):
+            mine = batches_of(data, 0, 0, 16 // world, rank, world)
+            positions = (torch.arange(16 // world) * world + rank).tolist()
+            assert all([whole[s][p] for p in positions] == mine[s] for s in range(len(whole)))
+
+
 def test_feature_moments_of_shards_equal_the_statistics_of_all_features():
     feats = torch.randn(50, 7, dtype=torch.float64)
     moments = FeatureMoments(7, torch.device("cpu"))
