@@ -20,6 +20,7 @@ import tarflow
 from tarflow.data import DataConfig, ImageDataset, load_dataset, to_uint8
 
 from .delivery import RunLogger
+from .lineage import dataset_digest
 from .plan import RunPlan
 from .rundir import fid_stats_path
 from .storage import RunStorage
@@ -146,11 +147,23 @@ def inception_weights_file(spec: str | None, storage) -> str | None:
     return spec
 
 
+def reference_stats_relpath(data_cfg: DataConfig, fid_cfg) -> str:
+    """Where a data set's reference statistics are cached in storage: keyed by its content digest (lineage.py),
+    the transform and the reference protocol, so other data under the same root never reuses them."""
+    from tarflow.fid import reference_stats_key
+
+    plain = dataclasses.replace(data_cfg, flip=False)
+    _, digest = dataset_digest(plain)
+    return fid_stats_path(reference_stats_key(plain.name, plain.image_size or 0, {
+        "data": digest, "fit": plain.fit, "channels": plain.channels, "limit": plain.limit,
+        "reference_images": fid_cfg.reference_images, "flips": fid_cfg.flips, "split": "train"}))
+
+
 def reference_statistics(data_cfg: DataConfig, fid_cfg, storage, extractor, rank: int, world: int,
                          device: torch.device):
     """Training-set statistics (with flips), computed once per data set × resolution × transform and
     cached in storage; each rank featurises its shard. Returns the statistics on every rank."""
-    from tarflow.fid import FEATURE_DIM, FIDStatistics, reference_stats_key
+    from tarflow.fid import FEATURE_DIM, FIDStatistics
 
     if data_cfg.name == "prepared" and fid_cfg.flips and not fid_cfg.reference_images:
         from tarflow.fid import prepared_fid_statistics
@@ -158,15 +171,13 @@ def reference_statistics(data_cfg: DataConfig, fid_cfg, storage, extractor, rank
         stored = prepared_fid_statistics(data_cfg.root)  # made where the data was prepared, on the paper's protocol
         if stored is not None:
             return stored
-    plain = dataclasses.replace(data_cfg, flip=False)
-    key = reference_stats_key(plain.name, plain.image_size or 0, {
-        "root": plain.root, "fit": plain.fit, "channels": plain.channels, "limit": plain.limit,
-        "reference_images": fid_cfg.reference_images, "flips": fid_cfg.flips, "split": "train"})
-    relpath = fid_stats_path(key)
-    cached = storage.read_bytes(relpath)
-    if cached is not None:
-        return FIDStatistics.load(io.BytesIO(cached))
-    train = load_dataset(plain, "train")
+    relpath = reference_stats_relpath(data_cfg, fid_cfg) if rank == 0 else None
+    cached = [storage.read_bytes(relpath) if rank == 0 else None]
+    if world > 1:  # one rank decides: two ranks reading while another run writes could part ways and hang
+        dist.broadcast_object_list(cached, src=0)
+    if cached[0] is not None:
+        return FIDStatistics.load(io.BytesIO(cached[0]))
+    train = load_dataset(dataclasses.replace(data_cfg, flip=False), "train")
     if fid_cfg.reference_images:
         train = torch.utils.data.Subset(train, range(min(fid_cfg.reference_images, len(train))))
     shard = torch.utils.data.Subset(train, range(rank, len(train), world))

@@ -19,7 +19,7 @@ from .errors import ExperimentError
 from .rundir import run_dir_name
 from .schema import ExperimentConfig
 
-CODE_VERSION = "0.1"  # bump when a change makes old checkpoints incompatible: it is part of the run identity
+CODE_VERSION = "0.2"  # bump when a change makes old checkpoints incompatible: it is part of the run identity
 
 
 @dataclass
@@ -58,7 +58,7 @@ def train_config(cfg: DictConfig, total_steps: int = 1, warmup_steps: int = 0, o
                        warmup_steps=warmup_steps, total_steps=total_steps, noise=t.noise, noise_std=t.noise_std,
                        label_drop=t.label_drop, bf16=bf16, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
                        compile=t.compile, activation_checkpointing=t.activation_checkpointing,
-                       grad_accum_steps=t.grad_accum_steps, tf32=t.tf32)
+                       grad_accum_steps=t.grad_accum_steps, tf32=t.tf32, seed=t.seed, flip=cfg.data.flip)
 
 
 def schedule(cfg: DictConfig, train_size: int) -> tuple[int, int, int]:
@@ -151,13 +151,7 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
     """
     try:
         data = data_config(cfg)
-        try:
-            info = data_info(data, cfg.storage.endpoint_url)  # prepared data in S3: its manifest only
-        except (ConfigError, ExperimentError) as e:
-            if require_data or not data.image_size:
-                raise ExperimentError(f"{source}: {e}") from None
-            info = {"channels": data.channels or 3, "image_size": data.image_size,
-                    "num_classes": cfg.data.num_classes or 0, "absent": True}
+        info = data_facts(cfg, data, source, require_data)
         if cfg.data.num_classes is not None and info["num_classes"] != cfg.data.num_classes:
             raise ConfigError(f"data.num_classes={cfg.data.num_classes} but {data.name} at {data.root} has "
                               f"{info['num_classes']} classes")
@@ -177,6 +171,26 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
                    display_name=cfg.tracking.run_name or f"{cfg.experiment.name}/{arch_name(model)}/{noise}",
                    per_worker_batch=cfg.train.batch_size // cfg.cluster.num_workers,
                    data_present=not info.get("absent"))
+
+
+def data_facts(cfg: DictConfig, data: DataConfig, source: str, require_data: bool) -> dict:
+    """What the data holds (data_info: channels, image size, classes, training images), checked against the
+    global batch; with require_data=False (dry runs) the sizes the config declares stand in for absent data."""
+    try:
+        info = data_info(data, cfg.storage.endpoint_url)  # prepared data in S3: its manifest only
+    except (ConfigError, ExperimentError) as e:
+        if require_data or not data.image_size:
+            raise ExperimentError(f"{source}: {e}") from None
+        info = {"channels": data.channels or 3, "image_size": data.image_size,
+                "num_classes": cfg.data.num_classes or 0, "train_images": cfg.data.train_images, "absent": True}
+    images = info.get("train_images")
+    if images is not None and images < cfg.train.batch_size:
+        limit = f" (data.limit={cfg.data.limit})" if cfg.data.limit else ""
+        raise ExperimentError(
+            f"{source}: {data.name} has {images} training images{limit}, fewer than one global batch "
+            f"(train.batch_size={cfg.train.batch_size}): every step takes a whole batch, so no step could ever be "
+            "taken. Lower train.batch_size or give more data")
+    return info
 
 
 ARCH_PARTS = ("patch_size", "width", "num_blocks", "layers_per_block")  # P-Ch-T-K, in model.arch's order

@@ -7,6 +7,7 @@ what it has not delivered travels inside every checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import tempfile
 import time
@@ -19,7 +20,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 import tarflow
 from tarflow.data import load_dataset
@@ -51,6 +51,15 @@ class Worker:
     @property
     def run(self) -> RunDir:
         return RunDir(self.storage, self.plan.run_name)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """This rank's positions in every step's global batch."""
+        return rank_share(self.cfg.train.batch_size, self.rank, self.world)
+
+    @property
+    def share(self) -> int:
+        return len(self.positions)
     board: object = None             # the driver's RunBoard actor (progress lines), if any
     logger: RunLogger | None = None  # rank 0 only
     nodes: list = field(default_factory=list)  # the Ray node id of every rank
@@ -58,17 +67,24 @@ class Worker:
     reported_loss: float = float("nan")  # the mean loss of the last checkpoint's window, all ranks
 
 
-def epoch_batches(dataset, epoch: int, skip_batches: int, per_worker_batch: int, rank: int, world: int,
+def rank_share(global_batch: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's positions in every step's global batch: rank, rank + world, ... (any world size; when it does
+    not divide the batch the first ranks hold one more)."""
+    return torch.arange(rank, global_batch, world)
+
+
+def epoch_batches(dataset, epoch: int, skip_batches: int, global_batch: int, rank: int, world: int,
                   seed: int, num_workers: int) -> DataLoader:
     """This rank's batches of one epoch, starting after the first skip_batches (resume mid-epoch).
 
-    Global step s of an epoch takes images perm[s·B : (s+1)·B] of one seeded permutation (B the global
-    batch), split across ranks; so the data of a step does not depend on the number of workers."""
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    indices = list(sampler)[skip_batches * per_worker_batch :]
-    return DataLoader(dataset, batch_size=per_worker_batch, sampler=indices, drop_last=True,
-                      num_workers=num_workers, persistent_workers=False)
+    Global step s of an epoch takes images perm[s·B : (s+1)·B] of one permutation seeded by (seed, epoch), B
+    the global batch, and this rank its positions rank_share(B) of them: the images of a step, and the
+    position of each in it (which keys its randomness), do not depend on the number of workers."""
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    mine = rank_share(global_batch, rank, world).tolist()
+    steps = range(skip_batches, len(dataset) // global_batch)
+    batches = [[perm[s * global_batch + p] for p in mine] for s in steps]
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, persistent_workers=False)
 
 
 def checkpoint_and_report(w: Worker, metrics: dict, state: tarflow.TrainState, **extra) -> None:
@@ -94,7 +110,6 @@ def checkpoint_and_report(w: Worker, metrics: dict, state: tarflow.TrainState, *
 def start_worker(config: dict) -> Worker:
     rank, world, device, storage = this_worker(config)
     cfg = OmegaConf.create(config["cfg"])
-    torch.manual_seed(cfg.train.seed * 1000 + rank)
     plan = plan_run(cfg, source=config["source"])
     plan.data = on_this_node(plan.data, cfg.storage.endpoint_url, cfg.data.cache_dir)  # S3 data: fetched once
     return Worker(cfg, plan, rank, world, device, storage, config.get("board"))
@@ -104,9 +119,18 @@ def build_state(w: Worker, total_steps: int, warmup_steps: int) -> tarflow.Train
     # an evaluate-only run (train.steps=0) still builds its optimizer: TrainConfig wants a schedule
     tcfg = train_config(w.cfg, total_steps=max(1, total_steps), warmup_steps=min(warmup_steps, max(1, total_steps)),
                         on_gpu=w.device.type == "cuda")
-    model = tarflow.TarFlow(w.plan.model).to(w.device)
-    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if w.world > 1 else None
-    return tarflow.make_train_state(model, tcfg, wrap=wrap)
+    model = tarflow.initial_model(w.plan.model, w.cfg.train.seed).to(w.device)  # the seed alone: any rank, restart
+    if w.world == 1:
+        return tarflow.make_train_state(model, tcfg)
+    return tarflow.make_train_state(model, tcfg, wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+                                    all_reduce_mean=lambda t: global_mean(t, w))
+
+
+def global_mean(t: torch.Tensor, w: Worker) -> torch.Tensor:
+    """The global batch's mean of a per-rank mean (ranks weighted by their share of the batch)."""
+    t = t * (w.share / w.cfg.train.batch_size)
+    dist.all_reduce(t)
+    return t
 
 
 def resume(w: Worker, state: tarflow.TrainState, chosen: str | None, init: dict | None) -> tuple[bool, list]:
@@ -186,11 +210,10 @@ class Window:
         self.steps, self.loss, self.grad_norm = self.steps + 1, self.loss + m["loss"], self.grad_norm + m["grad_norm"]
 
     def mean(self, w: Worker) -> tuple[float, float]:
-        """(loss, grad norm) averaged over the window's steps and every rank (equal shares of the batch)."""
+        """(loss, grad norm) averaged over the window's steps and the global batch (ranks weighted by their share)."""
         stats = torch.tensor([self.loss, self.grad_norm], device=w.device, dtype=torch.float64) / self.steps
         if w.world > 1:
-            dist.all_reduce(stats)
-            stats /= w.world
+            stats = global_mean(stats, w)
         return stats[0].item(), stats[1].item()
 
 
@@ -207,11 +230,11 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
     window, since_report = Window(), Window()
     while state.step < total_steps:
         epoch, offset = divmod(state.step, steps_per_epoch)
-        for x, y in epoch_batches(train_set, epoch, offset, w.plan.per_worker_batch, w.rank, w.world,
+        for x, y in epoch_batches(train_set, epoch, offset, cfg.train.batch_size, w.rank, w.world,
                                   cfg.train.seed, cfg.data.num_workers):
             x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
-            # DistributedSampler's layout: this rank holds positions rank, rank + world, ... of the global batch
-            m = tarflow.train_step(state, x, y, positions=torch.arange(len(x)) * w.world + w.rank)
+            m = tarflow.train_step(state, x, y, positions=w.positions,
+                                   loss_weight=w.share * w.world / cfg.train.batch_size)
             window.add(m)
             since_report.add(m)
             if state.step % every_log == 0 or state.step == total_steps:
@@ -258,7 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
     "init_from" (a WeightsSource as a dict), "board", "evaluations": sample-time settings evaluated on the
     final model in runs of their own}."""
     w = start_worker(config)
-    train_set = load_dataset(w.plan.data, "train")
+    train_set = load_dataset(dataclasses.replace(w.plan.data, flip=False), "train")  # flips: keyed, in train_step
     steps_per_epoch, total_steps, warmup_steps = schedule(w.cfg, len(train_set))
     state = build_state(w, total_steps, warmup_steps)
     resumed, backlog = resume(w, state, config.get("resume_from"), config.get("init_from"))

@@ -356,21 +356,34 @@ def load_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
 
 
 def dataset_info(cfg: DataConfig) -> dict:
-    """{"channels", "image_size", "num_classes"} of the train split, reading at most one file header
-    (prepared data: its manifest)."""
+    """{"channels", "image_size", "num_classes", "train_images"} of the train split (data.limit applied), from
+    file headers, a listing of the class folders, or a prepared root's manifest: no image is read."""
     _check(cfg, "train")
     if cfg.name == "prepared":
-        return check_request(cfg)
-    if cfg.name == "image_folder":
+        info = check_request(cfg)
+    elif cfg.name == "image_folder":
         train_dir, _ = _folder_dirs(cfg, "train")
-        return {"channels": cfg.channels or 3, "image_size": cfg.image_size,
-                "num_classes": len(_folder_classes(train_dir))}
-    if cfg.name == "imagenet_npz":
-        channels, side, classes = 3, _npz_side(_npz_files(cfg, "train")[0]), 1000
+        info = {"channels": cfg.channels or 3, "image_size": cfg.image_size,
+                "num_classes": len(_folder_classes(train_dir)), "train_images": _count_photos(train_dir)}
     else:
-        channels, side, classes = NATIVE[cfg.name]
-    if cfg.name == "fashion_mnist":  # fail now, not after hours of setup, if the files are missing
-        path = _fashion_path(cfg.root_path, FASHION_FILES["train"][0])
-        _fashion_path(cfg.root_path, FASHION_FILES["train"][1])
-        side = _idx_header(_read_gzip(path, 16), path)[-1]
-    return {"channels": cfg.channels or channels, "image_size": output_size(cfg, side), "num_classes": classes}
+        channels, side, classes = NATIVE.get(cfg.name, (3, None, 1000))
+        if cfg.name == "imagenet_npz":
+            files = _npz_files(cfg, "train")
+            side, count = _npz_side(files[0]), sum(npy_shape(path, "data")[0][0] for path in files)
+        elif cfg.name == "fashion_mnist":  # fail now, not after hours of setup, if the files are missing
+            path = _fashion_path(cfg.root_path, FASHION_FILES["train"][0])
+            _fashion_path(cfg.root_path, FASHION_FILES["train"][1])
+            count, *_, side = _idx_header(_read_gzip(path, 16), path)
+        else:  # the small sets that ship in packages: their train splits' known sizes
+            count = {"mnist": 4500, "digits": 1500}[cfg.name]
+        info = {"channels": cfg.channels or channels, "image_size": output_size(cfg, side), "num_classes": classes,
+                "train_images": count}
+    return {**info, "train_images": min(info["train_images"], cfg.limit or info["train_images"])}
+
+
+def _count_photos(folder: Path) -> int:
+    """The photos the folder loader would list (torchvision's make_dataset: by extension, class folders walked)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sum(1 for cls in _folder_classes(folder) for _, _, files in os.walk(folder / cls, followlinks=True)
+               for name in files if name.lower().endswith(IMG_EXTENSIONS))

@@ -53,8 +53,14 @@ class TransformerLayer(nn.Module):
         # (B, T, 3·Ch) -> three (B, H, T, 64); q, k, v are contiguous thirds of the qkv output
         # unbind, not qkv[0], qkv[1], qkv[2]: its backward is one stack, where three selects would
         # each write their gradient into a zeroed copy of the whole qkv tensor
-        B, T, _ = h.shape
-        q, k, v = self.qkv(h).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        B, T, Ch = h.shape
+        b = self.qkv.bias
+        # the key bias adds q·b to every logit of a query's row, which softmax ignores: its gradient is zero in exact
+        # arithmetic, and Adam would turn the rounding noise of that zero into lr-sized steps that differ with the
+        # world size, the batch split and the hardware. Detached, it gets an exact zero (weight decay still acts).
+        bias = torch.cat([b[:Ch], b[Ch : 2 * Ch].detach(), b[2 * Ch :]])
+        q, k, v = F.linear(h, self.qkv.weight, bias).view(B, T, 3, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:

@@ -288,4 +288,5 @@ def check_request(cfg, manifest: dict | None = None) -> dict:
             raise ConfigError(f"prepared: {cfg.root} holds images with {key}={have}, the config asks for {want}; "
                               f"set data.{key}={have} or prepare the source again with --{key.replace('_', '-')} "
                               f"{want} into another destination")
-    return {"channels": channels, "image_size": size, "num_classes": len(manifest["classes"])}
+    return {"channels": channels, "image_size": size, "num_classes": len(manifest["classes"]),
+            "train_images": sum(shard["count"] for shard in manifest["splits"]["train"]["shards"])}

@@ -188,28 +188,29 @@ def no_sync(net: nn.Module) -> contextlib.AbstractContextManager:
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor | None = None,
-               positions: torch.Tensor | Sequence[int] | None = None) -> dict[str, float]:
+               positions: torch.Tensor | Sequence[int] | None = None, loss_weight: float = 1.0) -> dict[str, float]:
     """One optimisation step on this rank's batch of images in [−1, 1] (integer-valued pixels). Returns metrics.
 
     positions: the images' positions in this step's global batch, which key their flips, noise and label
     drops (training_inputs); default 0..B−1, for a single process holding the whole batch.
-    With cfg.grad_accum_steps = k the batch runs as k equal micro-batches, each loss scaled by 1/k so the
-    summed gradients are the batch mean; DDP all-reduces only on the last one (no_sync before); then one
-    optimizer step. state.step counts optimizer steps, and a checkpoint is only ever taken between calls.
+    loss_weight: this rank's share of the global batch times the world size (n·W/B): DDP averages the ranks'
+    gradients, so ranks holding unequal shares (a world size that does not divide the batch) are weighted to
+    the global batch's mean; 1 when the shares are equal.
+    With cfg.grad_accum_steps = k the batch runs as k micro-batches (equal when k divides it), each loss
+    weighted by its share so the summed gradients are the batch mean; DDP all-reduces only on the last one
+    (no_sync before); then one optimizer step. state.step counts optimizer steps, and a checkpoint is only
+    ever taken between calls.
     The VP prior is updated from the z of the whole rank batch, averaged over the ranks by
     state.all_reduce_mean when given, so every rank holds the same prior whatever the world size.
     """
-    cfg, model, k = state.config, state.model, state.config.grad_accum_steps
-    if x.shape[0] % k:
-        raise ConfigError(f"batch of {x.shape[0]} images is not divisible by grad_accum_steps={k}: choose a "
-                          f"per-worker batch that is a multiple of {k}")
+    cfg, model = state.config, state.model
     lr = lr_at(state.step, cfg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     conditional = bool(model.config.num_classes) and y is not None
     x, y = training_inputs(x, y if conditional else None, cfg, state.step, positions)
     state.optimizer.zero_grad(set_to_none=True)
-    terms, z = _backward(state, x, y)
+    terms, z = _backward(state, x, y, loss_weight)
     if cfg.grad_clip:
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     else:  # the norm alone, for the logs: clipping at infinity would still rescale every gradient by 1
@@ -225,23 +226,25 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor | None = None
     return {"loss": loss, "prior_term": prior_term, "logdet_per_dim": logdet_per_dim, "lr": lr, "grad_norm": grad_norm}
 
 
-def _backward(state: TrainState, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the batch's mean loss, micro-batch by micro-batch. Returns the batch's (loss, prior term,
-    logdet per dim) and its z."""
-    cfg, k = state.config, state.config.grad_accum_steps
-    micro = x.shape[0] // k
-    terms, zs = [], []
-    for i in range(k):
-        part = slice(i * micro, (i + 1) * micro)
-        with no_sync(state.net) if i < k - 1 else contextlib.nullcontext():
+def _backward(state: TrainState, x: torch.Tensor, y: torch.Tensor | None, loss_weight: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of loss_weight × the batch's mean loss, micro-batch by micro-batch (as equal as the batch
+    allows; each weighted by its share of the batch). Returns the batch's (loss, prior term, logdet per dim)
+    and its z."""
+    cfg, k, n = state.config, state.config.grad_accum_steps, x.shape[0]
+    sizes = [size for i in range(k) if (size := n // k + (i < n % k))]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    terms, zs = 0.0, []
+    for i, (start, size) in enumerate(zip(starts, sizes)):
+        share, part = size / n, slice(start, start + size)
+        with no_sync(state.net) if i < len(sizes) - 1 else contextlib.nullcontext():
             with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 z, logdet = state.net(x[part], None if y is None else y[part])
             loss, prior_term, logdet_per_dim = flow_loss(z, logdet)
-            (loss / k).backward()
-        terms.append(torch.stack([loss.detach(), prior_term.detach(), logdet_per_dim.detach()]))
+            (loss * (share * loss_weight)).backward()
+        terms = terms + share * torch.stack([loss.detach(), prior_term.detach(), logdet_per_dim.detach()])
         zs.append(z.detach())
-    # equal micro-batches: the mean of their means is the batch mean
-    return torch.stack(terms).mean(0), torch.cat(zs) if k > 1 else zs[0]
+    return terms, torch.cat(zs) if len(zs) > 1 else zs[0]
 
 
 @torch.no_grad()

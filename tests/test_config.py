@@ -174,3 +174,13 @@ def test_a_fraction_of_a_gpu_per_worker_is_refused_before_any_work(tmp_path, gpu
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"cluster.gpus_per_worker={gpus}" in r.stderr and "whole GPU" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_data_smaller_than_one_global_batch_is_refused_before_any_work(tmp_path):
+    """With whole batches only, such a run would train forever without a step (it used to, silently)."""
+    for args in ([TABLE2, "scale=smoke", "data.limit=50", "train.batch_size=64", "--dry-run"],
+                 [TABLE2, "scale=test", "data.limit=50", "train.batch_size=64"]):
+        r = run_main(main, args, tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "50 training images" in r.stderr and "train.batch_size=64" in r.stderr, r.stderr
+        assert list(tmp_path.iterdir()) == []

@@ -25,7 +25,8 @@ def stack(ds: ImageDataset, n: int | None = None) -> tuple[torch.Tensor, torch.T
 def assert_info_matches(cfg: DataConfig, ds: ImageDataset) -> None:
     info = dataset_info(cfg)
     x, _ = ds[0]
-    assert info == {"channels": ds.channels, "image_size": ds.image_size, "num_classes": ds.num_classes}
+    assert info == {"channels": ds.channels, "image_size": ds.image_size, "num_classes": ds.num_classes,
+                    "train_images": len(load_dataset(cfg, "train"))}  # counted from headers, not loaded
     assert tuple(x.shape) == (info["channels"], info["image_size"], info["image_size"])
 
 
@@ -215,7 +216,7 @@ def test_imagenet_npz_train_val_subfolders_and_errors(tmp_path):
     cfg = DataConfig(name="imagenet_npz", root=str(tmp_path))
     assert load_dataset(cfg).images.shape == (1, 3, 8, 8)
     assert load_dataset(cfg, "val").labels.tolist() == [5]
-    assert dataset_info(cfg) == {"channels": 3, "image_size": 8, "num_classes": 1000}
+    assert dataset_info(cfg) == {"channels": 3, "image_size": 8, "num_classes": 1000, "train_images": 1}
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -280,7 +281,7 @@ def test_image_folder_without_splits_and_errors(tmp_path):
     write_folder(tmp_path, {"cat": 2, "dog": 1})
     cfg = DataConfig(name="image_folder", root=str(tmp_path), image_size=8)
     assert load_dataset(cfg).labels.tolist() == [0, 0, 1]
-    assert dataset_info(cfg)["num_classes"] == 2
+    assert dataset_info(cfg)["num_classes"] == 2 and dataset_info(cfg)["train_images"] == 3
     with pytest.raises(ConfigError, match=f"{tmp_path} has no train/ and val/ subfolders"):
         load_dataset(cfg, "val")
     with pytest.raises(ConfigError, match="image_size is required"):

@@ -80,3 +80,14 @@ def test_a_backlog_record_refused_for_good_does_not_keep_the_backlog_forever(tmp
     backlog.merge([metric_record("0" * 32, {"loss": 1.0}, 1), metric_record(run_id, {"loss": 1.0}, 1)])
     assert backlog.replay(tracker) and not backlog.exists()
     assert steps(MlflowClient(tracker.uri), run_id, "loss") == [1]
+
+
+def test_records_a_checkpoint_carried_follow_the_run_into_its_live_mlflow_run():
+    """Resumed into another MLflow run (the old one deleted or superseded), what the checkpoint had not delivered
+    goes to the live run instead of being refused for good."""
+    from orchestrator.train_loop import retarget
+
+    old, new, other = "a" * 32, "b" * 32, "c" * 32
+    carried = [metric_record(old, {"loss": 1.0}, 5), {"kind": "status", "run_id": other, "status": "FINISHED"}]
+    assert [r["run_id"] for r in retarget(carried, old, new)] == [new, other]
+    assert retarget(carried, new, new) == carried and retarget(carried, None, new) == carried

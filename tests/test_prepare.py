@@ -79,7 +79,7 @@ def test_prepared_dataset_maps_indices_over_uneven_shards(tmp_path):
     with pytest.raises(IndexError):
         train[10]
     assert dataset_info(DataConfig(name="prepared", root=str(tmp_path))) == \
-        {"channels": 3, "image_size": 4, "num_classes": 5}
+        {"channels": 3, "image_size": 4, "num_classes": 5, "train_images": 10}
 
     limited = PreparedDataset(tmp_path, "train", flip=False, limit=4)
     assert len(limited) == 4 and torch.equal(stack(limited)[0], xs[:4])
