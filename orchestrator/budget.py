@@ -123,8 +123,9 @@ def describe_budget(experiments: list[str], overrides: list[str]) -> str:
         "(the final evaluation, FID-50K sampling, is not counted)",
         "days: wall-clock, a sweep's trials one at a time unless sweep.max_concurrent says more; the total runs the "
         "experiments one after another. GPU-hours count every trial to its end (ASHA may stop some early)",
-        "throughput: cluster.images_per_sec_per_gpu where set, else the model's FLOPs at cluster.assumed_mfu of the "
-        "peak of the precision (fp32: without TF32); an experiment's own --dry-run says what TF32 or bf16 would cost",
+        "throughput: cluster.images_per_sec_per_gpu where set, else the model's FLOPs at cluster.mfu (per "
+        "precision) of the peak of the precision (fp32: without TF32); an experiment's own --dry-run says what "
+        "TF32 or bf16 would cost",
         "checkpoint: one checkpoint's size and the share of training time spent waiting for it, for the costliest "
         "run; memory: the largest run's peak per GPU against 90% of the GPU's (gpu_memory)",
     ]

@@ -276,6 +276,11 @@ VALUE_RULES = {
     "cluster.gpus_per_worker": POSITIVE,
     "cluster.num_cpus": Range(lo=1, integer=True, optional=True),
     "cluster.max_failures": Range(lo=-1, integer=True),
+    "cluster.min_workers": Range(lo=1, integer=True, optional=True),
+    "cluster.resize_interval_s": POSITIVE,
+    "cluster.max_preemption_failures": Range(lo=-1, integer=True),
+    "cluster.preemption_check_every": NONNEG_INT,
+    "cluster.worker_group_start_timeout_s": Range(lo=0, lo_open=True, optional=True),
     "cluster.images_per_sec_per_gpu": Range(lo=0, lo_open=True, optional=True),
     "cluster.gpu_type": Text(optional=True),
     "cluster.peak_tflops.bf16": POSITIVE,
@@ -283,7 +288,10 @@ VALUE_RULES = {
     "cluster.peak_tflops.fp32": POSITIVE,
     "cluster.gpu_peak_tflops": Range(lo=0, lo_open=True, optional=True),
     "cluster.price_per_gpu_hour": Range(lo=0, optional=True),
-    "cluster.assumed_mfu": Range(lo=0, hi=1, lo_open=True),
+    "cluster.assumed_mfu": Range(lo=0, hi=1, lo_open=True, optional=True),
+    "cluster.mfu.bf16": Range(lo=0, hi=1, lo_open=True),
+    "cluster.mfu.tf32": Range(lo=0, hi=1, lo_open=True),
+    "cluster.mfu.fp32": Range(lo=0, hi=1, lo_open=True),
     "cluster.gpu_memory_gb": Range(lo=1, hi=1024, optional=True),  # GiB: catches a figure given in MiB
     "sweep.search": OneOf(("grid", "random")),
     "sweep.num_samples": POSITIVE_INT,
@@ -322,6 +330,7 @@ def check_values(cfg: DictConfig, source: str) -> None:
         raise ExperimentError(f"{source}: cluster.gpus_per_worker={gpus:g} is not a whole GPU: each training worker "
                               "is one NCCL rank on one device, and two ranks on one GPU fail at the first collective "
                               "(after the cluster has started); give each worker 1 GPU (more are not used)")
+    check_elastic(cfg, source)
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ExperimentError(f"{source}: train.batch_size={cfg.train.batch_size} is not divisible by "
                               f"cluster.num_workers={cfg.cluster.num_workers}")
@@ -331,6 +340,23 @@ def check_values(cfg: DictConfig, source: str) -> None:
                               f"/ cluster.num_workers={cfg.cluster.num_workers}) is not divisible by "
                               f"train.grad_accum_steps={cfg.train.grad_accum_steps}: each optimizer step splits it "
                               "into that many equal micro-batches")
+
+
+def check_elastic(cfg: DictConfig, source: str) -> None:
+    """An elastic run's range of world sizes, and a failure budget a lost node can use."""
+    c = cfg.cluster
+    low = c.min_workers if c.min_workers is not None else c.num_workers
+    if low > c.num_workers:
+        raise ExperimentError(f"{source}: cluster.min_workers={low} is above cluster.num_workers={c.num_workers}: an "
+                              "elastic run trains on between min_workers and num_workers workers")
+    if low > cfg.train.batch_size:
+        raise ExperimentError(f"{source}: cluster.min_workers={low} is above train.batch_size="
+                              f"{cfg.train.batch_size}: a worker without an image of the global batch")
+    if low < c.num_workers and c.max_failures == 0:
+        raise ExperimentError(f"{source}: cluster.min_workers={low} < cluster.num_workers={c.num_workers} makes the "
+                              "run elastic, but cluster.max_failures=0: Ray Train counts a lost node against "
+                              "max_failures, so the first loss would end the run instead of continuing on the workers "
+                              "that remain; set cluster.max_failures to the node losses to survive (-1: any number)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Compute: GPUs × hours from the configured epochs and a throughput per GPU: cluster.images_per_sec_per_gpu when
 measured (benchmarks/bench_gpu.py prints it per precision), else the model's FLOPs per training image (plus the
-recompute of activation checkpointing) at cluster.assumed_mfu of the GPU's peak for the precision the run
+recompute of activation checkpointing) at cluster.mfu (per precision) of the GPU's peak for the precision the run
 computes in: bf16 (autocast), tf32 (fp32 with train.tf32) or fp32 (without TF32 an A100 runs fp32 matmuls at a
 sixteenth of its bf16 peak). An fp32 run also lists what TF32 and bf16 would cost, and what they change.
 
@@ -58,6 +58,13 @@ def peak_tflops(cluster, precision: str, run_precision: str) -> float:
     return cluster.peak_tflops[precision]
 
 
+def utilisation(cluster, precision: str, run_precision: str) -> float:
+    """The assumed MFU of a precision; cluster.assumed_mfu, when set, is the run's own precision's."""
+    if cluster.assumed_mfu is not None and precision == run_precision:
+        return cluster.assumed_mfu
+    return cluster.mfu[precision]
+
+
 @dataclass
 class Cost:
     """Training one config (a run, or one trial of a sweep) at one precision."""
@@ -69,6 +76,7 @@ class Cost:
     images_per_sec: float       # the whole run's
     source: str                 # where the throughput comes from
     peak_tflops: float | None = None
+    mfu: float | None = None    # the assumed utilisation, when estimated from the FLOPs
 
     @property
     def hours(self) -> float:
@@ -111,6 +119,7 @@ def estimate_cost(plan: RunPlan, precision: str | None = None, train_size: int |
     run_precision = compute_precision(cfg)
     precision = precision or run_precision
     peak = peak_tflops(c, precision, run_precision)
+    cost_mfu = None
     if c.images_per_sec_per_gpu and precision == run_precision:  # measured as configured (checkpointing too)
         per_gpu = c.images_per_sec_per_gpu
         source = f"cluster.images_per_sec_per_gpu={per_gpu:g}, measured in {run_precision}"
@@ -121,10 +130,11 @@ def estimate_cost(plan: RunPlan, precision: str | None = None, train_size: int |
             extra = recompute_flops_per_image(plan.model)
             flops += extra
             recompute = f" (+{extra / 1e9:.1f} recomputed: activation checkpointing)"
-        per_gpu = peak * 1e12 * c.assumed_mfu / flops
-        source = (f"{flops / 1e9:.1f} GFLOP/image{recompute} at {c.assumed_mfu:.0%} of {peak:g} TFLOP/s, the "
-                  f"{precision} peak")
-    return Cost(plan, precision, c.num_workers, images, per_gpu * c.num_workers, source, peak)
+        mfu = utilisation(c, precision, run_precision)
+        per_gpu = peak * 1e12 * mfu / flops
+        source = f"{flops / 1e9:.1f} GFLOP/image{recompute} at {mfu:.0%} of {peak:g} TFLOP/s, the {precision} peak"
+        cost_mfu = mfu
+    return Cost(plan, precision, c.num_workers, images, per_gpu * c.num_workers, source, peak, cost_mfu)
 
 
 @dataclass
@@ -212,7 +222,7 @@ def describe_cost(plan: RunPlan, sweep=None, bill: Bill | None = None) -> str:
         lines.append(f"            {own}, as configured; faster, with other numerics (paste as overrides):")
         width = max(len(OVERRIDE[p]) for p, _ in faster)
         lines += [f"              {OVERRIDE[p]:<{width}}  {b.gpu_hours:>9,.0f} GPU-hours {b.days:6,.1f} days  "
-                  f"{bill.gpu_hours / b.gpu_hours:.1f}x faster ({c.assumed_mfu:.0%} of {b.costs[0].peak_tflops:g} "
+                  f"{bill.gpu_hours / b.gpu_hours:.1f}x faster ({b.costs[0].mfu:.0%} of {b.costs[0].peak_tflops:g} "
                   f"TFLOP/s): "
                   f"{TRADE_OFFS[p]}" for p, b in faster]
     return "\n".join(lines)

@@ -190,7 +190,7 @@ def fit_training(plan: RunPlan, run: RunDir, tracker: Tracker, run_id: str, eval
     printer = ProgressPrinter(board, plan.display_name)
     try:
         with printer:
-            result = fit(trainer)
+            result = fit(trainer, plan.cfg)
     except Exception as e:
         failure = explain_failure(e, plan, run.storage, printer.last_checkpoint)
         run.backlog.deliver_or_keep(tracker, [

@@ -33,7 +33,7 @@ class RunPlan:
     run_key: str                # hash of everything that changes the trained model
     run_name: str               # storage-safe and unique: <experiment>-<arch>-<key>
     display_name: str           # what MLflow shows: <experiment>/<arch>/<noise>
-    per_worker_batch: int
+    per_worker_batch: int       # the largest share of the global batch a worker holds (at the smallest world size)
     data_present: bool = True
 
     @property
@@ -169,8 +169,14 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
     return RunPlan(cfg=cfg, source=source, model=model, data=data, run_key=key,
                    run_name=run_dir_name(cfg.experiment.name, arch_name(model), key),
                    display_name=cfg.tracking.run_name or f"{cfg.experiment.name}/{arch_name(model)}/{noise}",
-                   per_worker_batch=cfg.train.batch_size // cfg.cluster.num_workers,
+                   per_worker_batch=-(-cfg.train.batch_size // min_workers(cfg)),
                    data_present=not info.get("absent"))
+
+
+def min_workers(cfg: DictConfig) -> int:
+    """The smallest world size a run may train at: cluster.min_workers for an elastic run, else num_workers."""
+    c = cfg.cluster
+    return c.min_workers if c.min_workers is not None else c.num_workers
 
 
 def data_facts(cfg: DictConfig, data: DataConfig, source: str, require_data: bool) -> dict:

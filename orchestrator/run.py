@@ -19,13 +19,25 @@ from .errors import ExperimentError, cli_entry
 from .gpu_memory import check_launch, describe_memory, estimate_memory
 from .lifecycle import load_experiment, run_experiment
 from .periodic import describe_watching
-from .plan import RunPlan
+from .plan import RunPlan, min_workers
 from .storage import RunStorage
 from .summary import run_summary
 from .sweep import describe_sweep, run_sweep, sweep_of
 from .tables import publish_table
 from .tracking import check_tracking
 from .trainer import set_verbose
+
+
+def workers_text(plan: RunPlan) -> str:
+    """"2", or an elastic run's range of world sizes and what each worker then holds of the global batch."""
+    c, batch = plan.cfg.cluster, plan.cfg.train.batch_size
+    low = min_workers(plan.cfg)
+    if low == c.num_workers:
+        return str(c.num_workers)
+    uneven = [w for w in range(low, c.num_workers + 1) if batch % w]
+    return (f"{low}..{c.num_workers} (elastic: {-(-batch // c.num_workers)}..{plan.per_worker_batch} images each of "
+            f"the global {batch}" + (f"; at {', '.join(map(str, uneven))} the shares are unequal and weighted to the "
+                                     "same step" if uneven else "") + ")")
 
 
 def describe_plan(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
@@ -44,9 +56,10 @@ def describe_plan(plan: RunPlan, storage: RunStorage, tracking_uri: str) -> str:
         f"training    global batch {t.batch_size} ({plan.per_worker_batch}/worker), "
         + ("none: evaluate only" if t.steps == 0 else f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs")
         + f", noise {t.noise}" + (f" σ={t.noise_std:g}" if t.noise == "gaussian" else ""),
-        f"workers     {c.num_workers} × ({c.cpus_per_worker:g} CPU"
+        f"workers     {workers_text(plan)} × ({c.cpus_per_worker:g} CPU"
         + (f", {c.gpus_per_worker:g} GPU" if c.use_gpu else "")
-        + f") on Ray at {redact_uri(ray_address(plan.cfg))}; max_failures {c.max_failures}",
+        + f") on Ray at {redact_uri(ray_address(plan.cfg))}; max_failures {c.max_failures}, preemptions "
+        + ("any number" if c.max_preemption_failures < 0 else str(c.max_preemption_failures)),
         *([f"weights     from {redact_uri(plan.cfg.model.init_from)}"] if plan.cfg.model.init_from else []),
         f"storage     {redact_uri(storage.describe())}/{plan.run_name}",
         f"tracking    {redact_uri(tracking_uri)}  experiment '{plan.experiment_name}'",

@@ -165,6 +165,17 @@ class PeakSection:
 
 
 @dataclass
+class MfuSection:
+    """The share of a precision's peak training reaches (model FLOPs), for cost estimates without a measured
+    throughput. Measured with benchmarks/bench_gpu.py on an H200 (2-768-8-8 at 64², 32 a GPU; 4-1024-8-8 at
+    128², 24): bf16 33-40% (45% compiled), TF32 26-32%, fp32 71-73% (plain fp32 matmuls are easier to feed)."""
+
+    bf16: float = 0.4
+    tf32: float = 0.3
+    fp32: float = 0.7
+
+
+@dataclass
 class ClusterSection:
     address: Optional[str] = None   # Ray cluster; default RAY_ADDRESS, else a local instance
     num_workers: int = 2
@@ -172,14 +183,24 @@ class ClusterSection:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     num_cpus: Optional[int] = None  # CPUs of a local Ray instance started by the command
-    max_failures: int = 1           # worker-group restarts from the last checkpoint
+    max_failures: int = 1           # worker-group restarts from the last checkpoint (a lost node uses one)
+    # elastic runs (Ray Train V2's elastic scaling): between min_workers and num_workers workers, the global batch
+    # unchanged; a lost node -> on from the last checkpoint with the workers that remain; capacity back -> grows
+    min_workers: Optional[int] = None  # null: num_workers (a fixed size)
+    resize_interval_s: float = 60.0    # how often Ray Train looks for capacity to grow back (a resize restarts)
+    # preemptible (spot) nodes: a preemption notice makes the run checkpoint before the node's deadline; the
+    # interruption counts against max_preemption_failures (-1: no limit), not max_failures
+    max_preemption_failures: int = -1
+    preemption_check_every: int = 10  # steps between asking Ray for a notice (every rank at once; 0: never)
+    worker_group_start_timeout_s: Optional[float] = None  # null: Ray's 60 s wait for a worker group's resources
     # for --dry-run cost estimates: a measured throughput (benchmarks/bench_gpu.py, at the run's precision), else
     # the model's FLOPs at assumed_mfu of the peak of the precision the run computes in
     images_per_sec_per_gpu: Optional[float] = None
     gpu_type: Optional[str] = None  # what the budget calls the GPU (the presets name it)
     peak_tflops: PeakSection = field(default_factory=PeakSection)
     gpu_peak_tflops: Optional[float] = None  # one number: the peak of the precision the run computes in
-    assumed_mfu: float = 0.3
+    mfu: MfuSection = field(default_factory=MfuSection)
+    assumed_mfu: Optional[float] = None  # one number: the MFU of the precision the run computes in
     price_per_gpu_hour: Optional[float] = None  # for the budget's price column, in any currency
     # memory of one GPU in GiB as torch reports it (total_memory / 2**30; the presets in conf/cluster set it):
     # a GPU run whose estimated training memory exceeds 90% of it is refused before any cluster work

@@ -25,7 +25,7 @@ import tarflow
 from tarflow.data import load_dataset
 
 from .datacache import on_this_node
-from .delivery import DRAIN_S, RunLogger
+from .delivery import DRAIN_S, RunLogger, say
 from .errors import RESUME_FAILED
 from .evaluation import FIDContext, evaluate_model, evaluate_settings
 from .monitoring import node_name, start_system_metrics
@@ -64,6 +64,7 @@ class Worker:
     logger: RunLogger | None = None  # rank 0 only
     nodes: list = field(default_factory=list)  # the Ray node id of every rank
     last_logged: dict = field(default_factory=dict)
+    checkpoint_seconds: float = 0.0  # rank 0: how long the last checkpoint took to write (and upload, when sync)
     reported_loss: float = float("nan")  # the mean loss of the last checkpoint's window, all ranks
 
 
@@ -87,17 +88,21 @@ def epoch_batches(dataset, epoch: int, skip_batches: int, global_batch: int, ran
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, persistent_workers=False)
 
 
-def checkpoint_and_report(w: Worker, metrics: dict, state: tarflow.TrainState, **extra) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint (model, optimizer, step, data position, and the
-    tracking records not yet delivered)."""
+def checkpoint_and_report(w: Worker, metrics: dict, state: tarflow.TrainState, sync: bool = False, **extra) -> None:
+    """Every rank reports (with the world size, which Ray Train's record of the checkpoints keeps); rank 0
+    attaches the checkpoint (model, optimizer, step, data position, and the tracking records not yet delivered).
+    sync: uploaded before this returns, whatever storage.async_upload says."""
+    metrics = {**metrics, "world_size": w.world}
     if w.rank != 0:
         ray.train.report(metrics)
         return
+    started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="tarflow-ckpt-"))
     tarflow.save_checkpoint(tmp / CHECKPOINT_FILE, state, **extra)
     if w.logger:
         write_records(tmp, w.logger.queue.pending())
-    mode = ray.train.CheckpointUploadMode.ASYNC if w.cfg.storage.async_upload else ray.train.CheckpointUploadMode.SYNC
+    asynchronous = w.cfg.storage.async_upload and not sync
+    mode = ray.train.CheckpointUploadMode.ASYNC if asynchronous else ray.train.CheckpointUploadMode.SYNC
     name = checkpoint_dir_name(state.step)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=name,
                      checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
@@ -105,6 +110,27 @@ def checkpoint_and_report(w: Worker, metrics: dict, state: tarflow.TrainState, *
         # uploaded when report returns: the driver knows it is safe even if Ray's record of it is lost with the
         # storage (asynchronous uploads are told to the driver by Ray Train's controller, progress.py)
         w.board.persisted.remote(name)
+    w.checkpoint_seconds = time.perf_counter() - started
+
+
+def heed_preemption(w: Worker, state: tarflow.TrainState, epoch: int, since_report: Window) -> bool:
+    """On every rank at the same steps (Ray's notice is a barrier): when a node of the run is to be preempted,
+    checkpoint now, uploaded before the deadline, and train on; at the deadline Ray Train restarts the group from
+    it, against cluster.max_preemption_failures. Returns whether a notice came."""
+    notice = ray.train.get_preemption_info()
+    if notice is None:
+        return False
+    left = notice.deadline_ms / 1000 - time.time() if notice.deadline_ms else float("inf")
+    if w.rank == 0:
+        late = left < w.checkpoint_seconds
+        say(f"[train] preemption notice: a node of this run goes in {left:.0f} s; checkpointing step {state.step} "
+            f"now (the last checkpoint took {w.checkpoint_seconds:.1f} s)"
+            + (": it may not be stored before the deadline, and the run then resumes from the checkpoint before, "
+               "redoing the steps since" if late else ""))
+        if w.logger:
+            w.logger.log_metrics({"preemption_notice_s": left}, step=state.step)
+    checkpoint_and_report(w, {"step": state.step, "loss": since_report.mean(w)[0]}, state, sync=True, epoch=epoch)
+    return True
 
 
 def start_worker(config: dict) -> Worker:
@@ -227,7 +253,8 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
     started, start_step = time.perf_counter(), state.step
     if total_steps == 0 and state.step == 0:  # evaluate only: the given weights become the run's checkpoint
         checkpoint_and_report(w, {"step": 0, "loss": float("nan")}, state, epoch=0)
-    window, since_report = Window(), Window()
+    window, since_report, noticed = Window(), Window(), False
+    every_notice = cfg.cluster.preemption_check_every
     while state.step < total_steps:
         epoch, offset = divmod(state.step, steps_per_epoch)
         for x, y in epoch_batches(train_set, epoch, offset, cfg.train.batch_size, w.rank, w.world,
@@ -248,6 +275,8 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
                 w.reported_loss = since_report.mean(w)[0]
                 checkpoint_and_report(w, {"step": state.step, "loss": w.reported_loss}, state, epoch=epoch)
                 since_report = Window()
+            elif every_notice and state.step % every_notice == 0 and not noticed:
+                noticed = heed_preemption(w, state, epoch, since_report)
             if state.step >= total_steps:
                 break
 

@@ -19,7 +19,8 @@ TABLE2 = str(EXPERIMENTS / "table2.yaml")
 
 SMALL = ["scale=test", "train.steps=12", "train.log_every=1", "train.checkpoint_every=4", "cluster.num_workers=1",
          "train.noise=gaussian", "model.conditional=true", "train.ema_decay=0.9", "eval.periodic_val_images=16",
-         "eval.periodic_samples=3", "eval.sample_batch_size=2"]
+         "eval.periodic_samples=3", "eval.sample_batch_size=2",
+         "cluster.preemption_check_every=0"]  # no Ray here: nobody to ask for a preemption notice
 
 
 class Recorder:

@@ -91,3 +91,44 @@ def test_records_a_checkpoint_carried_follow_the_run_into_its_live_mlflow_run():
     carried = [metric_record(old, {"loss": 1.0}, 5), {"kind": "status", "run_id": other, "status": "FINISHED"}]
     assert [r["run_id"] for r in retarget(carried, old, new)] == [new, other]
     assert retarget(carried, new, new) == carried and retarget(carried, None, new) == carried
+
+
+def test_catching_up_replays_sample_jobs_too_and_leaves_a_driven_run_to_its_driver(tmp_path, tracker):
+    """The sample job's backlogs are replayed with the run's; a run another launch holds is left to it (its
+    result marker is only ever rewritten under the run's lease)."""
+    import json
+
+    from orchestrator.lease import RunLease
+    from orchestrator.lifecycle import catch_up
+
+    run_id = new_run(tracker)
+    run = RunDir(RunStorage(str(tmp_path / "store")), "run")
+    run.write_result({"metrics": {}, "tracking_behind": True})
+    run.backlog.merge([metric_record(run_id, {"loss": 1.0}, 1)])
+    run.samples("abc").backlog.merge([metric_record(run_id, {"fid": 9.0}, 0)])
+    with RunLease(run, "another launch"):
+        assert not catch_up(run, tracker)
+        assert run.backlog.exists() and json.loads(run.storage.read_text("run/result.json"))["tracking_behind"]
+    assert not run.samples("abc").backlog.exists()  # its own lease was free
+    assert catch_up(run, tracker) and not run.backlog.exists()
+    assert not run.read_result()["tracking_behind"]
+    assert steps(tracker.client, run_id, "loss") == [1] and steps(tracker.client, run_id, "fid") == [0]
+
+
+def test_report_finds_the_backlogs_of_runs_named_by_the_experiment_not_the_tracking_experiment(tmp_path):
+    """Run directories are named from experiment.name; tracking.experiment only names the MLflow experiment."""
+    from conftest import EXPERIMENTS, run_main
+
+    from orchestrator.lifecycle import load_experiment
+    from orchestrator.report import main as report
+
+    args = [str(EXPERIMENTS / "table2.yaml"), "scale=test", f"storage.uri={tmp_path / 'store'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=elsewhere"]
+    plan, storage, uri = load_experiment(args[0], args[1:], require_data=False)
+    tracker = Tracker(uri)
+    run_id = tracker.start_run(tracker.experiment_id("elsewhere"), plan.run_key, "r", {}, {})
+    run = RunDir(storage, plan.run_name)
+    run.backlog.merge([metric_record(run_id, {"loss": 2.0}, 7)])
+    r = run_main(report, args, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not run.backlog.exists() and steps(tracker.client, run_id, "loss") == [7]

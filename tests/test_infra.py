@@ -123,9 +123,13 @@ def test_rayjob_runs_the_stable_command_with_secrets_from_a_secret(monkeypatch):
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in cluster["workerGroupSpecs"]
                for c in g["template"]["spec"]["containers"])
-    gpus = sum(g["minReplicas"] * int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
-               for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
-    assert gpus >= plan.cfg.cluster.num_workers * plan.cfg.cluster.gpus_per_worker  # its workers all start
+    def gpus(replicas):
+        return sum(g[replicas] * int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+                   for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
+
+    c = plan.cfg.cluster  # elastic: the on-demand pods always give its smallest size, with spot pods its full size
+    assert c.min_workers < c.num_workers and gpus("minReplicas") >= c.min_workers * c.gpus_per_worker
+    assert gpus("replicas") >= c.num_workers * c.gpus_per_worker
     for pod in pods:
         for container in pod["spec"]["containers"]:
             env = {e["name"]: e for e in container["env"]}
