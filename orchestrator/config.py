@@ -368,5 +368,22 @@ def redacted(cfg: DictConfig) -> dict:
     return out
 
 
+def credentials(cfg: DictConfig) -> dict:
+    """{dotted key: value} of the config's URIs that carry a credential: what `redacted` masks, for a channel that
+    is never stored (a sweep passes them to its trials by Ray's object store, not in Tune's saved state)."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    values = {key: (out.get(key.split(".")[0]) or {}).get(key.split(".")[1]) for key in REDACTED_KEYS}
+    return {k: v for k, v in values.items() if isinstance(v, str) and redact_uri(v) != v}
+
+
+def with_credentials(container: dict, values: dict) -> dict:
+    """A `redacted` config with the `credentials` it lost put back: the config as it was."""
+    out = {section: dict(v) if isinstance(v, dict) else v for section, v in container.items()}
+    for key, value in values.items():
+        section, name = key.split(".")
+        out[section][name] = value
+    return out
+
+
 def redacted_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(redacted(cfg)))

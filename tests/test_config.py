@@ -13,8 +13,11 @@ from orchestrator.config import (
     VALUE_RULES,
     check_values,
     compose_experiment,
+    credentials,
     redact_uri,
+    redacted,
     redacted_yaml,
+    with_credentials,
     with_values,
 )
 from orchestrator.cost import estimate_cost
@@ -154,6 +157,11 @@ def test_credentials_in_uris_are_redacted_wherever_the_config_goes(tmp_path):
     assert not [v for v in flat_params(c).values() if "s3cret" in v]
     r = run_main(main, [TABLE2, "scale=test", "tracking.uri=http://alice:s3cret@127.0.0.1:9", "--dry-run"], tmp_path)
     assert r.returncode == 0 and "s3cret" not in r.stdout and "alice:***@127.0.0.1:9" in r.stdout
+    # what a sweep stores in Tune's state is the redacted config; its trials get the credentials back apart
+    secrets = credentials(c)
+    assert sorted(secrets) == ["cluster.address", "storage.endpoint_url", "tracking.uri"]
+    assert "s3cret" not in str(redacted(c))
+    assert with_credentials(redacted(c), secrets) == OmegaConf.to_container(c, resolve=True)
 
 
 def test_cost_of_a_gpu_run_from_flops_or_a_measured_throughput():
