@@ -13,7 +13,8 @@
 - Local paths (a node disk, or a mount shared by the nodes) are used where they are, after a cheap check
   (manifest, every file present with its size); `tarflow.prepared.verify` checks the checksums.
 - Absent data, an interrupted preparation (shards but no manifest) and a corrupt manifest are each one
-  ExperimentError naming the root and what to run.
+  ExperimentError naming the root and what to run. A manifest naming a file outside the root (`../x`, `/x`) is
+  corrupt: refused by tarflow.prepared.check_manifest on the driver and on every node, before any read or write.
 """
 
 from __future__ import annotations

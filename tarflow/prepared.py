@@ -110,7 +110,8 @@ def make_manifest(*, image_shape, classes: list[str], splits: dict, files: dict,
 
 
 def check_manifest(manifest, where: str) -> dict:
-    """The manifest if it is one this code can read; otherwise a ConfigError naming `where`."""
+    """The manifest if it is one this code can read, every file it names inside the root; otherwise a
+    ConfigError naming `where`."""
     def fail(why: str):
         raise ConfigError(f"{where}: {MANIFEST} is not a valid prepared-data manifest ({why})")
 
