@@ -77,23 +77,31 @@ def load_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def torch_fidelity_weights() -> Path:
+    """torch-fidelity's own weights file, where torch-fidelity keeps it (torch.hub's cache), downloaded once."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), progress=False)  # to a temporary file, renamed
+    return path
+
+
 class InceptionFeatures:
     """Callable: images (B, C, H, W) in [-1, 1] (or uint8) -> (B, 2048) float32 pool3 features on the CPU.
 
-    weights_path: a local weights file in torch-fidelity's layout (e.g. from `convert_fid_helper_weights`), read
-    by `load_inception_weights`; None downloads torch-fidelity's own file (needs the internet once, then
-    torch.hub's cache).
+    weights_path: a local weights file in torch-fidelity's layout (e.g. from `convert_fid_helper_weights`); None:
+    torch-fidelity's own file (downloaded once into torch.hub's cache). Either is read by `load_inception_weights`.
     """
 
     def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        weights = None
-        if weights_path is not None:
-            # torch-fidelity unpickles what it is given with weights_only=False: it gets the tensors read safely
-            # here, saved again in memory, never the file itself
-            weights = io.BytesIO()
-            torch.save(load_inception_weights(weights_path), weights)
-            weights.seek(0)
+        # torch-fidelity unpickles what it is given with weights_only=False: it gets the tensors read safely here,
+        # saved again in memory, never a file
+        weights = io.BytesIO()
+        torch.save(load_inception_weights(weights_path or torch_fidelity_weights()), weights)
+        weights.seek(0)
         # cuda=False: torch-fidelity's cuda=True means the *default* GPU; .to() honours "cuda:1" etc.
         self.model = create_feature_extractor(EXTRACTOR, [FEATURE], cuda=False, verbose=False,
                                               feature_extractor_weights_path=weights).to(self.device)

@@ -283,6 +283,20 @@ def test_weights_that_would_run_code_are_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+def test_torch_fidelitys_own_cached_file_is_read_the_same_way(tmp_path, monkeypatch):
+    """weights_path=None takes torch-fidelity's file from torch.hub's cache: read as tensors only too."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    trapped, marker = trapped_weights(tmp_path)
+    trapped.rename(cached)
+    with pytest.raises(ConfigError, match=f"Inception weights {cached} are not a plain state_dict of tensors"):
+        InceptionFeatures()
+    assert not marker.exists()
+
+
 def test_pinned_weights_must_match_their_sha256(tmp_path, monkeypatch):
     from orchestrator.errors import ExperimentError
     from orchestrator.evaluation import inception_weights_file
