@@ -193,6 +193,20 @@ class Text:
         return "ftp://nowhere" if self.schemes else ""
 
 
+@dataclass(frozen=True)
+class Sha256:
+    """null, or a sha256 as `sha256sum` prints it."""
+
+    def accepts(self, v) -> bool:
+        return v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)
+
+    def describe(self) -> str:
+        return "null or a sha256: 64 lowercase hex digits, as `sha256sum FILE` prints it"
+
+    def bad_example(self):
+        return "abc"
+
+
 POSITIVE_INT = Range(lo=1, integer=True)
 NONNEG_INT = Range(lo=0, integer=True)
 POSITIVE = Range(lo=0, lo_open=True)
@@ -252,6 +266,7 @@ VALUE_RULES = {
     "eval.fid.num_samples": POSITIVE_INT,
     "eval.fid.batch_size": POSITIVE_INT,
     "eval.fid.inception_weights": Text(optional=True),
+    "eval.fid.inception_sha256": Sha256(),
     "eval.fid.reference_images": Range(lo=1, integer=True, optional=True),
     "sample.num_samples": POSITIVE_INT,
     "sample.batch_size": POSITIVE_INT,
@@ -322,6 +337,9 @@ def check_values(cfg: DictConfig, source: str) -> None:
     if cfg.train.steps == 0 and not cfg.model.init_from:
         raise ExperimentError(f"{source}: train.steps=0 (evaluate only) needs model.init_from, the weights to "
                               "evaluate")
+    if cfg.eval.fid.inception_sha256 and not cfg.eval.fid.inception_weights:
+        raise ExperimentError(f"{source}: eval.fid.inception_sha256 pins the file eval.fid.inception_weights names, "
+                              "and it names none (torch-fidelity's download is checked by torch-fidelity)")
     if cfg.eval.periodic_fid_samples == 1:
         raise ExperimentError(f"{source}: eval.periodic_fid_samples=1 is out of range: a FID needs at least 2 "
                               "samples (0 turns it off)")
@@ -385,6 +403,23 @@ def redacted(cfg: DictConfig) -> dict:
         section, name = key.split(".")
         if isinstance(out.get(section), dict) and isinstance(out[section].get(name), str):
             out[section][name] = redact_uri(out[section][name])
+    return out
+
+
+def credentials(cfg: DictConfig) -> dict:
+    """{dotted key: value} of the config's URIs that carry a credential: what `redacted` masks, for a channel that
+    is never stored (a sweep passes them to its trials by Ray's object store, not in Tune's saved state)."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    values = {key: (out.get(key.split(".")[0]) or {}).get(key.split(".")[1]) for key in REDACTED_KEYS}
+    return {k: v for k, v in values.items() if isinstance(v, str) and redact_uri(v) != v}
+
+
+def with_credentials(container: dict, values: dict) -> dict:
+    """A `redacted` config with the `credentials` it lost put back: the config as it was."""
+    out = {section: dict(v) if isinstance(v, dict) else v for section, v in container.items()}
+    for key, value in values.items():
+        section, name = key.split(".")
+        out[section][name] = value
     return out
 
 

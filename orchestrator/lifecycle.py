@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from .config import compose_experiment, redact_uri, redacted
 from .errors import RESUME_FAILED, ExperimentError, RunFailed
+from .evaluation import check_inception_weights, uses_fid
 from .lease import LeaseHeld, RunLease
 from .lineage import log_data_input
 from .plan import RunPlan, evaluation_key, plan_run
@@ -47,6 +48,8 @@ def load_experiment(experiment: str, overrides: list[str], require_data: bool = 
     """An experiment YAML + overrides, composed, checked and planned: (plan, storage, tracking URI)."""
     cfg = compose_experiment(experiment, overrides)
     plan = plan_run(cfg, source=Path(experiment).name, require_data=require_data)
+    if uses_fid(cfg):  # a weights file that would fail on the workers fails here, before any work
+        check_inception_weights(cfg.eval.fid.inception_weights, cfg.eval.fid.inception_sha256, require_data)
     return plan, storage_from_config(cfg), resolve_tracking_uri(cfg)
 
 

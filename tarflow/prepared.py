@@ -111,7 +111,8 @@ def make_manifest(*, image_shape, classes: list[str], splits: dict, files: dict,
 
 
 def check_manifest(manifest, where: str) -> dict:
-    """The manifest if it is one this code can read; otherwise a ConfigError naming `where`."""
+    """The manifest if it is one this code can read, every file it names inside the root; otherwise a
+    ConfigError naming `where`."""
     def fail(why: str):
         raise ConfigError(f"{where}: {MANIFEST} is not a valid prepared-data manifest ({why})")
 
@@ -139,14 +140,25 @@ def check_manifest(manifest, where: str) -> dict:
                     fail(f"shard {shard['images']} has count {shard['count']!r}")
             if split["count"] != sum(sh["count"] for sh in split["shards"]):
                 fail(f"{name} count {split['count']} is not the sum of its shards")
-        for rel, rec in files.items():
+        for rel, rec in files.items():  # shards and fid_stats name files among these: each is checked here
+            if not _inside_root(rel):
+                fail(f"{rel!r} is not a plain relative path inside the root")
             if not isinstance(rec.get("bytes"), int) or len(str(rec.get("sha256", ""))) != 64:
                 fail(f"file record of {rel}: {rec}")
         if manifest.get("fid_stats") and manifest["fid_stats"]["file"] not in files:
             fail("its fid_stats file is not among its files")
+    except ConfigError:  # fail()'s own (a ValueError): not wrapped a second time
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         fail(f"{type(e).__name__}: {e}")
     return manifest
+
+
+def _inside_root(rel) -> bool:
+    """Whether a manifest's file name is one every node may join to the root (or its cache) as it is: relative,
+    POSIX, normalised, no '..' (a manifest comes from storage: it must not make a node read or write elsewhere)."""
+    return (isinstance(rel, str) and not rel.startswith("/") and "\\" not in rel and "\0" not in rel
+            and all(part not in ("", ".", "..") for part in rel.split("/")))
 
 
 def parse_manifest(data: bytes, where: str) -> dict:

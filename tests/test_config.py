@@ -13,8 +13,11 @@ from orchestrator.config import (
     VALUE_RULES,
     check_values,
     compose_experiment,
+    credentials,
     redact_uri,
+    redacted,
     redacted_yaml,
+    with_credentials,
     with_values,
 )
 from orchestrator.errors import ExperimentError
@@ -153,6 +156,11 @@ def test_credentials_in_uris_are_redacted_wherever_the_config_goes(tmp_path):
     assert not [v for v in flat_params(c).values() if "s3cret" in v]
     r = run_main(main, [TABLE2, "scale=test", "tracking.uri=http://alice:s3cret@127.0.0.1:9", "--dry-run"], tmp_path)
     assert r.returncode == 0 and "s3cret" not in r.stdout and "alice:***@127.0.0.1:9" in r.stdout
+    # what a sweep stores in Tune's state is the redacted config; its trials get the credentials back apart
+    secrets = credentials(c)
+    assert sorted(secrets) == ["cluster.address", "storage.endpoint_url", "tracking.uri"]
+    assert "s3cret" not in str(redacted(c))
+    assert with_credentials(redacted(c), secrets) == OmegaConf.to_container(c, resolve=True)
 
 
 @pytest.mark.parametrize("override", ["eval.every_steps=100", "eval.periodic_val_images=64", "eval.periodic_samples=4",

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -194,7 +195,7 @@ def test_a_trial_is_finished_when_storage_says_so_even_if_mlflow_is_behind(tmp_p
     ids = {}
     for trial, (value, finished) in enumerate([(2, True), (4, False)]):
         overrides = {sweep.train_axes[0].key: value}
-        trial_run, _ = trial_plan({**base, "overrides": overrides})
+        trial_run, _ = trial_plan({**base, "overrides": overrides}, {"config": {}})
         ids[value] = tracker.start_run(exp_id, trial_run.run_key, trial_run.display_name, flat_params(trial_run.cfg),
                                        tags={SWEEP_TAG: sweep.name, TRIAL_TAG: f"t{trial}", KIND_TAG: "run",
                                              OVERRIDES_TAG: json.dumps(overrides),
@@ -210,3 +211,42 @@ def test_a_trial_is_finished_when_storage_says_so_even_if_mlflow_is_behind(tmp_p
     assert tracker.client.get_run(ids[2]).info.status == "RUNNING"  # not KILLED: its own driver finishes it
     assert tracker.client.get_run(ids[4]).info.status == "KILLED"
     assert best_trial(table, "loss", "min")["run_id"] == ids[2]
+
+
+def files_holding(root, text: str) -> list[str]:
+    """The files under root whose bytes contain text."""
+    needle = text.encode()
+    found = []
+    for path in Path(root).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(str(path))
+        except OSError:  # a socket, or a file removed meanwhile
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_sweep_stores_no_credential(tmp_path, mlflow_server, local_ray):
+    """A tracking URI with a password reaches the trials (their runs are in MLflow) but none of the files Tune and
+    Ray Train write under the storage path (Tune's experiment state, each trial's params and results), nor
+    Ray's session directory, nor the command's output."""
+    import ray
+
+    secret = f"PASSWORD{time.time_ns()}"
+    exp = f"sweep-secret-{time.time_ns()}"
+    args = [ASHA_SWEEP, *TEST, "train.steps=10", "eval.num_samples=0", f"experiment.name={exp}",
+            f"tracking.uri={mlflow_server.replace('http://', f'http://user:{secret}@')}", "cluster.num_cpus=2",
+            "sweep.scheduler.type=fifo", "sweep.train_axes={model.patch_size: [2, 4], model.layers_per_block: [1]}"]
+    r = run_main(main, args, tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    _, runs = sweep_runs(mlflow_server, exp)
+    assert len([x for x in runs if x.data.tags.get("tarflow.trial") and x.info.status == "FINISHED"]) == 2
+    assert secret not in r.stdout + r.stderr
+
+    states = list(tmp_path.glob("runs/*-sweep-*/experiment_state-*.json"))
+    params = list(tmp_path.glob("runs/*-sweep-*/*/params.json"))
+    assert states and len(params) == 2  # what Tune saved is where this test looks, and it holds the redacted URI
+    assert all("user:***@" in p.read_text() for p in params)
+    session = ray._private.worker._global_node.get_session_dir_path()
+    assert files_holding(tmp_path, secret) == [] and files_holding(session, secret) == []
