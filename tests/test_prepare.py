@@ -315,7 +315,8 @@ def fashion_s3(s3_server, ray_local):
 @pytest.mark.slow
 def test_fashion_mnist_into_s3_and_back(s3_server, fashion_s3, tmp_path):
     cfg = DataConfig(name="prepared", root=fashion_s3)
-    assert data_info(cfg, s3_server.endpoint_url) == {"channels": 3, "image_size": 32, "num_classes": 10}
+    assert data_info(cfg, s3_server.endpoint_url) == {"channels": 3, "image_size": 32, "num_classes": 10,
+                                                      "train_images": 300}
     sync = sync_prepared(fashion_s3, s3_server.endpoint_url, str(tmp_path))
     manifest = load_manifest(sync.path)
     assert len(sync.fetched) == len(manifest["files"]) == 12  # (3 train + 3 val shards) × (images, labels)

@@ -241,7 +241,8 @@ def test_a_sweep_stores_no_credential(tmp_path, mlflow_server, local_ray):
     r = run_main(main, args, tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     _, runs = sweep_runs(mlflow_server, exp)
-    assert len([x for x in runs if x.data.tags.get("tarflow.trial") and x.info.status == "FINISHED"]) == 2
+    trials = [(x.info.run_name, x.info.status) for x in runs if x.data.tags.get("tarflow.trial")]
+    assert [s for _, s in trials] == ["FINISHED", "FINISHED"], (trials, r.stdout[-3000:], r.stderr[-2000:])
     assert secret not in r.stdout + r.stderr
 
     states = list(tmp_path.glob("runs/*-sweep-*/experiment_state-*.json"))
