@@ -78,6 +78,35 @@ def test_bad_config_fails_before_any_work(tmp_path, override, fragments):
     assert_clean_failure(run_main(main, [TABLE2, *TEST, override], tmp_path), tmp_path, *fragments)
 
 
+GCS_ADVICE = ["storage.endpoint_url=https://storage.googleapis.com", "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"]
+
+
+@pytest.mark.parametrize("override,env,fragments", [
+    ("storage.uri=gs://bucket/x", {}, ["storage.uri=gs://bucket/x:", "storage.uri=s3://bucket/x with", *GCS_ADVICE]),
+    ("storage.uri=S3://bucket/x", {}, ["storage.uri=S3://bucket/x:", "spelled s3:// (lower case)"]),
+    ("data.root=gs://bucket/prepared", {}, ["data.root=s3://bucket/prepared with", *GCS_ADVICE]),
+    ("model.init_from=hf://org/model.pt", {}, ["model.init_from=hf://org/model.pt:", "hf:// is not a storage"]),
+    ("eval.fid.inception_weights=https://u:pw@host/w.pth", {},
+     ["eval.fid.inception_weights=https://u:***@host/w.pth:", "s3://bucket/prefix"]),
+    ("storage=s3", {"TARFLOW_S3_URI": "gs://bucket/runs"},
+     ["storage.uri=gs://bucket/runs (from the environment: TARFLOW_S3_URI)", "storage.uri=s3://bucket/runs with"]),
+])
+def test_storage_is_a_path_or_s3_and_any_other_scheme_is_refused_before_any_work(tmp_path, monkeypatch, override, env,
+                                                                                   fragments):
+    """gs://, S3:// and the like once became local folders named after their scheme (./gs:/bucket/x)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = run_main(main, [TABLE2, *TEST, override, "--dry-run"], tmp_path)  # the dry run too: nothing written
+    assert_clean_failure(r, tmp_path, *fragments)
+    assert len(r.stderr.strip().splitlines()) == 1 and "pw@" not in r.stderr, r.stderr
+
+
+def test_a_file_uri_is_the_path_it_names(tmp_path):
+    r = run_main(main, [TABLE2, *TEST, f"storage.uri=file://{tmp_path}/runs", "--dry-run"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"storage     {tmp_path}/runs/table2-" in r.stdout and "file:" not in r.stdout
+
+
 def test_unreachable_services_fail_fast(tmp_path, monkeypatch):
     port = free_port()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
