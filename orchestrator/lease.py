@@ -201,7 +201,22 @@ class RunLease:
         over before ttl has passed since it last changed, and a renewal takes up to an interval to be seen."""
         return (self.confirmed or 0.0) + self.ttl - self.interval - self.clock()
 
+    def still_ours(self) -> bool:
+        """Read now, not at the next renewal: False once another launch holds the lease. A storage that does not
+        answer cannot tell, and what was known stands."""
+        if self.lost:
+            return False
+        try:
+            current = self.read()
+        except Exception:
+            return True
+        if current is not None and current[0].get("owner") == self.owner:
+            return True
+        return self._lose(current[0] if current else None)
+
     def _lose(self, held: dict | None) -> bool:
+        if self.lost:
+            return False
         self.lost = holder(held)
         print(f"[orchestrator] the lease of {self.relpath} was taken over by another launch ({self.lost})",
               flush=True)

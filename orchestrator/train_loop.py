@@ -7,6 +7,7 @@ what it has not delivered travels inside every checkpoint.
 
 from __future__ import annotations
 
+import json
 import socket
 import tempfile
 import time
@@ -25,12 +26,14 @@ import tarflow
 from tarflow.data import load_dataset
 
 from .datacache import on_this_node
-from .delivery import DRAIN_S, RunLogger
+from .delivery import DRAIN_S, RunLogger, say
 from .errors import RESUME_FAILED
 from .evaluation import FIDContext, evaluate_model, evaluate_settings
 from .monitoring import node_name, start_system_metrics
 from .periodic import PeriodicEvaluation, start_periodic
 from .plan import RunPlan, plan_run, schedule, train_config
+from .progress import lease_lost
+from .records import ATTEMPTS_TAG
 from .rundir import CHECKPOINT_FILE, RunDir, checkpoint_dir_name, checkpoint_step, read_records, write_records
 from .storage import RunStorage
 from .trainer import this_worker
@@ -162,13 +165,35 @@ def start_logging(w: Worker, config: dict, state: tarflow.TrainState, resumed: b
         w.logger.log_metrics({"resumed_from_step": state.step}, step=state.step)
     else:
         w.logger.log_dict(config["resolved_config"], "config/resolved.json")
+    if w.board is not None:  # which attempt the curves show: a restart redoes the steps after its checkpoint
+        attempts = ray.get(w.board.attempt.remote(state.step, w.world))
+        w.logger.set_tags({ATTEMPTS_TAG: json.dumps(attempts[-100:])})
+
+
+def lease_kept(w: Worker, step: int) -> bool:
+    """Every rank, at the same step: whether this launch still holds the run's lease (rank 0 asks the driver's
+    board, progress.lease_lost, and may wait there). Once another launch took the run over, nothing more is
+    written: not a checkpoint (the run's directory is that launch's now), not a metric."""
+    lost = 0.0
+    if w.rank == 0 and w.board is not None:
+        holder = lease_lost(w.board)
+        if holder is not None:
+            say(f"[run] another launch took this run over ({holder}): stopping at step {step} without writing "
+                "to the run's storage or MLflow run")
+            lost = 1.0
+    if w.world > 1:
+        flag = torch.tensor([lost], device=w.device)
+        dist.all_reduce(flag)
+        lost = flag.item()
+    return lost == 0
 
 
 def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int, total_steps: int,
-          periodic: PeriodicEvaluation | None = None) -> None:
+          periodic: PeriodicEvaluation | None = None) -> bool:
     """Steps until total_steps: metrics every train.log_every, a periodic evaluation every eval.every_steps (if
     on), a checkpoint every train.checkpoint_every (after the evaluation of its step, so a resume from it does
-    not evaluate that step again)."""
+    not evaluate that step again). Each of them only while the run's lease is this launch's: False when it
+    stopped because another launch took the run over."""
     cfg = w.cfg
     every_log, every_ckpt = cfg.train.log_every, cfg.train.checkpoint_every
     started, start_step = time.perf_counter(), state.step
@@ -185,7 +210,12 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
             window["steps"] += 1
             window["loss"] += m["loss"]
             window["grad_norm"] += m["grad_norm"]
-            if state.step % every_log == 0 or state.step == total_steps:
+            at_log = state.step % every_log == 0 or state.step == total_steps
+            at_checkpoint = state.step % every_ckpt == 0 or state.step == total_steps
+            evaluating = periodic is not None and periodic.due(state.step)
+            if (at_log or at_checkpoint or evaluating) and not lease_kept(w, state.step):
+                return False
+            if at_log:
                 stats = torch.tensor([window["loss"], window["grad_norm"]], device=w.device) / window["steps"]
                 if w.world > 1:
                     dist.all_reduce(stats)
@@ -200,14 +230,15 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
                     w.board.progress.remote({**w.last_logged, "step": state.step, "total": total_steps,
                                              "start_step": start_step, "elapsed": time.perf_counter() - started})
                 window.update(t=time.perf_counter(), steps=0, loss=0.0, grad_norm=0.0)
-            if periodic is not None and periodic.due(state.step):
+            if evaluating:
                 seconds = periodic(state.ema if state.ema is not None else state.model, state.step, w.logger,
                                    w.board if w.rank == 0 else None)
                 window["t"] += seconds  # images/s stays the training throughput
-            if state.step % every_ckpt == 0 or state.step == total_steps:
+            if at_checkpoint:
                 checkpoint_and_report(w, {"step": state.step, "loss": m["loss"]}, state, epoch=epoch)
             if state.step >= total_steps:
                 break
+    return True
 
 
 def finish_tracking(w: Worker, final: dict, evaluations: dict, step: int, timeout: float = DRAIN_S) -> int:
@@ -215,10 +246,18 @@ def finish_tracking(w: Worker, final: dict, evaluations: dict, step: int, timeou
     take the rest; what it did not take is kept in storage for the driver to replay. Returns that count."""
     if w.rank != 0:
         return 0
+    if w.board is not None and w.logger:
+        w.logger.set_tags({ATTEMPTS_TAG: json.dumps(ray.get(w.board.attempt_ended.remote(step))[-100:])})
     w.run.write_final({"step": step, "metrics": {**w.last_logged, **final}, "evaluations": evaluations})
     pending = w.logger.queue.close(timeout) if w.logger else []
     w.run.backlog.merge(pending)
     return len(pending)
+
+
+def stop_writing(monitor) -> None:
+    """The end of workers whose run another launch took over: their driver says why (lifecycle.py)."""
+    if monitor is not None:
+        monitor.finish()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -239,7 +278,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     fid = FIDContext(w.cfg, w.plan, w.storage, w.rank, w.world, w.device)  # built on first use
     periodic = start_periodic(w.cfg, w.plan, w.device, w.rank, w.world, fid)
-    train(w, state, train_set, steps_per_epoch, total_steps, periodic)
+    if not train(w, state, train_set, steps_per_epoch, total_steps, periodic):
+        return stop_writing(monitor)
 
     model = state.ema if state.ema is not None else state.model
     settings = config.get("evaluations") or []
@@ -251,6 +291,8 @@ def train_loop_per_worker(config: dict) -> None:
         w.logger.log_dict({"step": state.step, **final}, "metrics/final.json")
     evaluated = evaluate_settings(model, w.cfg, w.plan, settings, state.step, w.device, w.rank, w.world,
                                   config["tracking_uri"], fid)
+    if not lease_kept(w, state.step):
+        return stop_writing(monitor)
     pending = finish_tracking(w, final, evaluated, state.step)
     if monitor is not None:
         monitor.finish()
