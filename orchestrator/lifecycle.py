@@ -142,7 +142,8 @@ def explain_failure(e: Exception, plan: RunPlan, storage: RunStorage, last_check
     except ExperimentError as gone:
         where = last_checkpoint.rstrip("/").rsplit("/", 1)[-1] if last_checkpoint else "none yet"
         return RunFailed(
-            f"the run {plan.run_name} lost its storage and Ray Train ran out of restarts (cluster.max_failures="
+            f"the run {plan.run_name} lost its storage for longer than its requests are retried (storage."
+            f"retry_seconds={storage.retry_seconds:g}) and Ray Train ran out of restarts (cluster.max_failures="
             f"{plan.cfg.cluster.max_failures}): {gone}. The last checkpoint it saved is {where}; nothing up to it is "
             "lost. Rerun the same command when the storage answers: it resumes from there.")
     return e

@@ -201,6 +201,8 @@ class RunStorage:
                 probe, b"replace another version", '"00000000000000000000000000000000"')
         finally:
             self.delete(probe)
+            if not self.is_s3:
+                Path(self.uri, probe + ".lock").unlink(missing_ok=True)
 
     def delete(self, relpath: str) -> None:
         fs, path = self._path(relpath)

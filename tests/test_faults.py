@@ -119,7 +119,7 @@ def test_storage_gone_for_good_ends_in_one_paragraph(tmp_path):
     env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "secret-k", "AWS_DEFAULT_REGION": "us-east-1"}
     args = [TABLE2, *TEST, "train.steps=400", "train.checkpoint_every=20", "cluster.max_failures=1",
             "storage.uri=s3://gone/runs", f"storage.endpoint_url={s3.url}", f"tracking.uri={uri}",
-            "experiment.name=gone", "storage.async_upload=false"]
+            "experiment.name=gone", "storage.async_upload=false", "storage.retry_seconds=3"]  # not 3 min a try
     log = tmp_path / "gone.log"
     proc = start(args, tmp_path, log, **env)
     try:
@@ -135,6 +135,7 @@ def test_storage_gone_for_good_ends_in_one_paragraph(tmp_path):
     assert code == 1, out[-4000:]
     err = next(line for line in out.splitlines() if line.startswith("error: "))
     assert "lost its storage" in err and s3.url in err and "cluster.max_failures=1" in err, err
+    assert "storage.retry_seconds=3" in err, err
     assert "The last checkpoint it saved is checkpoint_000000" in err and "resumes from there" in err, err
     assert "Traceback" not in out.split("error: ")[-1]
     client = MlflowClient(uri)

@@ -262,6 +262,33 @@ def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_checkpoint_whose_upload_was_cut_short_is_set_aside_and_the_one_before_resumed(tmp_path, local_ray):
+    """The latest checkpoint has no checksum record (its upload never finished): it once passed the check, was
+    picked for the resume, and the workers failed on it at every retry. Now it is set aside, said, and the run
+    resumes from the checkpoint before it; MLflow's tarflow.attempts shows the steps trained twice."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [TABLE2, *TEST, "train.steps=20", "eval.num_samples=0", "storage.uri=store", "experiment.name=cutshort",
+            "cluster.num_workers=1", f"tracking.uri={uri}"]
+    r = run_main(main, args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = next((tmp_path / "store").glob("cutshort-*"))
+    (run_dir / "result.json").unlink()  # as if the driver had died while the last upload went on
+    (run_dir / "checkpoint_00000020" / "state.pt.sha256").unlink()
+
+    r = run_main(main, args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"checkpoint checkpoint_00000020 of {run_dir.name} is incomplete (no checksum record" in r.stdout
+    assert "resuming from the one before it" in r.stdout
+    (kept,) = (run_dir / "corrupt").glob("checkpoint_00000020-*")
+    assert not (kept / "state.pt.sha256").exists()  # kept as it was
+    assert (run_dir / "checkpoint_00000020" / "state.pt.sha256").is_file() and (run_dir / "result.json").is_file()
+    client, (run,) = runs_of(uri, "cutshort")
+    assert steps_of(client, run.info.run_id, "resumed_from_step") == [10]
+    assert json.loads(run.data.tags["tarflow.attempts"]) == [{"from": 0, "workers": 1, "to": 20},
+                                                               {"from": 10, "workers": 1, "to": 20}]
+
+
+@pytest.mark.slow
 def test_storage_is_the_record_of_truth_corrupt_checkpoints_and_wiped_runs(tmp_path, local_ray):
     """A corrupt checkpoint is refused at once and set aside on request; a tracked run whose storage was
     wiped starts afresh in a new MLflow run (the stale one, found by the same config hash, is superseded)."""
