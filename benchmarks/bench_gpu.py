@@ -7,17 +7,19 @@
 Sections (run in this order; --sections picks some):
   attention  which scaled_dot_product_attention kernel runs by default at the training shapes, and the
              forward+backward time of each kernel that is available there
-  train      a few training steps (tarflow.train_step: noise, forward, backward, AdamW) per config in bf16
-             and fp32, with the knobs tarflow.plan_fit picks for this device's memory: images/s, MFU
-             against the device's peak, peak memory beside training_memory's estimate
+  train      a few training steps (tarflow.train_step: noise, forward, backward, AdamW) per config in bf16,
+             tf32 (fp32 with TF32 matmuls, CUDA only) and fp32, with the knobs tarflow.plan_fit picks for this
+             device's memory: images/s, MFU against the device's peak for that precision, peak memory beside
+             training_memory's estimate
   sample     guided sampling images/s: model.reverse(z, y, guidance=2.0, annealed_guidance=True), bf16
   compile    the train section's bf16 runs again under torch.compile
 
 The per-GPU batches default to the paper's global batches over 8 and 32 GPUs: table2 256 / 8 = 32,
 ImageNet 128 768 / 32 = 24 (the YAMLs train table2 on 16 GPUs, 16 each: --table2-batch 16). Every run is
 independent: an out-of-memory error (or any other) is reported and the script goes on; once --budget-s
-seconds have passed the remaining runs are skipped. Prints figures, a summary table at the end; asserts
-nothing.
+seconds have passed the remaining runs are skipped. Prints figures, a summary table at the end and the
+images/s per GPU of every training run as the override the dry run's cost model takes
+(cluster.images_per_sec_per_gpu, valid for that precision, batch and knobs); asserts nothing.
 """
 
 from __future__ import annotations
@@ -84,19 +86,29 @@ def free(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+PRECISIONS = ("bf16", "tf32", "fp32")  # tf32: fp32 weights and activations, TF32 matmuls (train.tf32=true)
+# what each precision is in an experiment's config, for the cost model's override line
+CONFIG_OF = {"bf16": "train.precision=bf16 (or auto with Gaussian noise)",
+             "tf32": "train.precision=fp32 train.tf32=true", "fp32": "train.precision=fp32 (or auto with uniform "
+                                                                      "noise), train.tf32=false"}
+
+
+def memory_precision(precision: str) -> str:
+    return "bf16" if precision == "bf16" else "fp32"  # TF32 changes the matmuls, not what is stored
+
+
 @functools.cache
 def peak_tflops(device: str, precision: str, repeats: int = 3) -> tuple[float, str]:
     """(peak FLOP/s, where it came from): the known table for this GPU, else a measured large matmul."""
-    kind = "bf16" if precision == "bf16" else ("tf32" if device == "cuda" and torch.backends.cuda.matmul.allow_tf32
-                                               else "fp32")
     if device == "cuda":
         name = torch.cuda.get_device_name()
         for key, peaks in PEAK_TFLOPS:
             if key in name:
-                return peaks[kind] * 1e12, f"{name} {kind} dense peak (table)"
+                return peaks[precision] * 1e12, f"{name} {precision} dense peak (table)"
     n = 8192 if device == "cuda" else 1024
     dtype = torch.bfloat16 if precision == "bf16" and device == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -120,7 +132,7 @@ def pick_knobs(args, bench: Bench, precision: str, device_memory: int) -> tuple[
         ckpt = "ckpt" in args.knobs
         accum = next((int(p[5:]) for p in args.knobs.split("+") if p.startswith("accum")), 1)
         return ckpt, accum, f"--knobs {args.knobs}"
-    plan = plan_fit(bench.config, bench.batch, device_memory, precision)
+    plan = plan_fit(bench.config, bench.batch, device_memory, memory_precision(precision))
     if plan.fits:
         return False, 1, "fits as is"
     for option in plan.options:  # on one GPU at a fixed precision only these two knobs apply
@@ -149,7 +161,8 @@ def run_training(args, bench: Bench, precision: str, compiled: bool, device_memo
     free(device)
     ckpt, accum, why = pick_knobs(args, bench, precision, device_memory)
     row.knobs = knob_text(ckpt, accum)
-    est = training_memory(bench.config, bench.batch, precision, activation_checkpointing=ckpt, grad_accum_steps=accum)
+    est = training_memory(bench.config, bench.batch, memory_precision(precision), activation_checkpointing=ckpt,
+                          grad_accum_steps=accum)
     row.estimate_gib = est["total"] / GiB
     print(f"\n[{section}] {bench.name} {bench.config.name} @{bench.config.image_size}², batch {bench.batch}/GPU, "
           f"{precision}{', torch.compile' if compiled else ''}; knobs {row.knobs} ({why})")
@@ -161,7 +174,7 @@ def run_training(args, bench: Bench, precision: str, compiled: bool, device_memo
     for block in model.blocks:  # a zero output projection would make every block the identity
         torch.nn.init.normal_(block.proj_out.weight, std=0.02)
     tcfg = TrainConfig(lr=1e-4, total_steps=10**6, bf16=precision == "bf16", label_drop=0.1,
-                       activation_checkpointing=ckpt, grad_accum_steps=accum)
+                       activation_checkpointing=ckpt, grad_accum_steps=accum, tf32=precision == "tf32")
     state = make_train_state(model, tcfg)
     if compiled:
         state.net = torch.compile(state.net, backend=args.compile_backend)
@@ -204,6 +217,7 @@ def attention_backends(args, bench: Bench, precision: str) -> Row:
     ckpt, accum, _ = pick_knobs(args, bench, precision, memory_total(device))
     micro = bench.batch // accum
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"  # the math kernel's matmuls
     heads = c.width // c.head_dim
     q, k, v = (torch.randn(micro, heads, c.num_tokens, c.head_dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
@@ -303,7 +317,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     p.add_argument("--tiny", action="store_true", help="a 2-64-2-2 @16² model instead of the paper's (implied on cpu)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {','.join(SECTIONS)}")
-    p.add_argument("--precisions", default="bf16,fp32", help="for the train section (compile runs bf16 only)")
+    p.add_argument("--precisions", default=",".join(PRECISIONS),
+                   help="for the attention and train sections, from bf16,tf32,fp32 (tf32: CUDA only; compile runs "
+                        "bf16 only)")
     p.add_argument("--table2-batch", type=int, default=32, help="per-GPU batch of 2-768-8-8 @64² (256/8 GPUs)")
     p.add_argument("--imagenet128-batch", type=int, default=24, help="per-GPU batch of 4-1024-8-8 @128² (768/32)")
     p.add_argument("--tiny-batch", type=int, default=4)
@@ -312,7 +328,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--sample-batch", type=int, default=32)
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: tracing only)")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 runs (MFU then against TF32)")
     p.add_argument("--budget-s", type=float, default=480, help="skip the runs that would start after this")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -321,13 +336,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     precisions = [s for s in args.precisions.split(",") if s]
+    if set(precisions) - set(PRECISIONS):
+        p.error(f"unknown precisions {sorted(set(precisions) - set(PRECISIONS))}; choose from {PRECISIONS}")
     if args.device == "cpu":
         args.tiny = True
     threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
     try:
         if args.device == "cpu":
             torch.set_num_threads(1)  # a shared CPU: one thread gives steadier timings
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
         return run_sections(args, sections, precisions)
     finally:
         torch.set_num_threads(threads)
@@ -343,10 +359,13 @@ def run_sections(args, sections: list[str], precisions: list[str]) -> list[Row]:
                          args.table2_batch),
                    Bench("imagenet128", TarFlowConfig.from_string("4-1024-8-8", image_size=128, num_classes=1000),
                          args.imagenet128_batch)]
+    if args.device != "cuda" and "tf32" in precisions:
+        print("tf32 skipped: TF32 matmuls are CUDA's (on a CPU it would be fp32 again)")
+        precisions = [p for p in precisions if p != "tf32"]
     device_memory = memory_total(args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"bench_gpu: {name}, {device_memory / GiB:.1f} GiB, torch {torch.__version__}, "
-          f"tf32 {'on' if args.tf32 else 'off'}, sections {','.join(sections)}")
+          f"precisions {','.join(precisions)}, sections {','.join(sections)}")
     for b in benches:
         params = training_memory(b.config, 1)["gradients"] // 4  # one fp32 gradient per parameter
         print(f"  {b.name}: {b.config.name} @{b.config.image_size}², {b.config.num_tokens} tokens, "
@@ -372,7 +391,27 @@ def run_sections(args, sections: list[str], precisions: list[str]) -> list[Row]:
     print(f"\nsummary ({time.perf_counter() - started:.0f} s; MFU: model FLOPs, HFU: with the checkpointing "
           f"recompute; ratio: peak allocated / training_memory total)")
     print(summary(rows))
+    print(cost_model_inputs(rows, benches, name))
     return rows
+
+
+def cost_model_inputs(rows: list[Row], benches: list[Bench], device_name: str) -> str:
+    """Each training run's images/s per GPU as the override the dry run's cost model takes in place of its
+    FLOPs estimate: valid for that GPU, precision, per-GPU batch and knobs."""
+    by_name = {b.name: b for b in benches}
+    lines = [f"\nfor the cost model (python -m orchestrator.run ... --dry-run): images/s per GPU on {device_name}; "
+             "paste a line as an override of an experiment with that model, precision, per-GPU batch and knobs"]
+    for r in rows:
+        if r.section not in ("train", "compile") or r.status != "ok" or not r.images_per_s:
+            continue
+        b = by_name[r.bench]
+        settings = CONFIG_OF[r.precision] + (", train.compile=true" if r.section == "compile" else "")
+        knobs = f", knobs {r.knobs}" if r.knobs != "none" else ""
+        lines.append(f"  {b.config.name} @{b.config.image_size}², {r.precision}, {b.batch}/GPU{knobs}: "
+                     f"cluster.images_per_sec_per_gpu={r.images_per_s:.4g}   # with {settings}")
+    if len(lines) == 1:
+        lines.append("  (no training run finished)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

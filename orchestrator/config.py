@@ -195,6 +195,20 @@ class Text:
         return "ftp://nowhere" if self.schemes else ""
 
 
+@dataclass(frozen=True)
+class Sha256:
+    """null, or a sha256 as `sha256sum` prints it."""
+
+    def accepts(self, v) -> bool:
+        return v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None)
+
+    def describe(self) -> str:
+        return "null or a sha256: 64 lowercase hex digits, as `sha256sum FILE` prints it"
+
+    def bad_example(self):
+        return "abc"
+
+
 POSITIVE_INT = Range(lo=1, integer=True)
 NONNEG_INT = Range(lo=0, integer=True)
 POSITIVE = Range(lo=0, lo_open=True)
@@ -254,6 +268,7 @@ VALUE_RULES = {
     "eval.fid.num_samples": POSITIVE_INT,
     "eval.fid.batch_size": POSITIVE_INT,
     "eval.fid.inception_weights": Text(optional=True),
+    "eval.fid.inception_sha256": Sha256(),
     "eval.fid.reference_images": Range(lo=1, integer=True, optional=True),
     "sample.num_samples": POSITIVE_INT,
     "sample.batch_size": POSITIVE_INT,
@@ -267,6 +282,8 @@ VALUE_RULES = {
     "storage.endpoint_url": Text(optional=True, schemes=("http", "https")),
     "storage.keep_checkpoints": POSITIVE_INT,
     "storage.retry_seconds": Range(lo=0, hi=3600),
+    "storage.write_mb_per_s": Range(lo=0, lo_open=True, optional=True),
+    "storage.local_write_mb_per_s": Range(lo=0, lo_open=True, optional=True),
     "tracking.uri": Text(optional=True),
     "tracking.experiment": Text(optional=True),
     "tracking.run_name": Text(optional=True),
@@ -277,9 +294,22 @@ VALUE_RULES = {
     "cluster.gpus_per_worker": POSITIVE,
     "cluster.num_cpus": Range(lo=1, integer=True, optional=True),
     "cluster.max_failures": Range(lo=-1, integer=True),
+    "cluster.min_workers": Range(lo=1, integer=True, optional=True),
+    "cluster.resize_interval_s": POSITIVE,
+    "cluster.max_preemption_failures": Range(lo=-1, integer=True),
+    "cluster.preemption_check_every": NONNEG_INT,
+    "cluster.worker_group_start_timeout_s": Range(lo=0, lo_open=True, optional=True),
     "cluster.images_per_sec_per_gpu": Range(lo=0, lo_open=True, optional=True),
-    "cluster.gpu_peak_tflops": POSITIVE,
-    "cluster.assumed_mfu": Range(lo=0, hi=1, lo_open=True),
+    "cluster.gpu_type": Text(optional=True),
+    "cluster.peak_tflops.bf16": POSITIVE,
+    "cluster.peak_tflops.tf32": POSITIVE,
+    "cluster.peak_tflops.fp32": POSITIVE,
+    "cluster.gpu_peak_tflops": Range(lo=0, lo_open=True, optional=True),
+    "cluster.price_per_gpu_hour": Range(lo=0, optional=True),
+    "cluster.assumed_mfu": Range(lo=0, hi=1, lo_open=True, optional=True),
+    "cluster.mfu.bf16": Range(lo=0, hi=1, lo_open=True),
+    "cluster.mfu.tf32": Range(lo=0, hi=1, lo_open=True),
+    "cluster.mfu.fp32": Range(lo=0, hi=1, lo_open=True),
     "cluster.gpu_memory_gb": Range(lo=1, hi=1024, optional=True),  # GiB: catches a figure given in MiB
     "sweep.search": OneOf(("grid", "random")),
     "sweep.num_samples": POSITIVE_INT,
@@ -312,9 +342,18 @@ def check_values(cfg: DictConfig, source: str) -> None:
     if cfg.train.steps == 0 and not cfg.model.init_from:
         raise ExperimentError(f"{source}: train.steps=0 (evaluate only) needs model.init_from, the weights to "
                               "evaluate")
+    if cfg.eval.fid.inception_sha256 and not cfg.eval.fid.inception_weights:
+        raise ExperimentError(f"{source}: eval.fid.inception_sha256 pins the file eval.fid.inception_weights names, "
+                              "and it names none (torch-fidelity's download is checked by torch-fidelity)")
     if cfg.eval.periodic_fid_samples == 1:
         raise ExperimentError(f"{source}: eval.periodic_fid_samples=1 is out of range: a FID needs at least 2 "
                               "samples (0 turns it off)")
+    gpus = cfg.cluster.gpus_per_worker
+    if cfg.cluster.use_gpu and gpus != int(gpus):
+        raise ExperimentError(f"{source}: cluster.gpus_per_worker={gpus:g} is not a whole GPU: each training worker "
+                              "is one NCCL rank on one device, and two ranks on one GPU fail at the first collective "
+                              "(after the cluster has started); give each worker 1 GPU (more are not used)")
+    check_elastic(cfg, source)
     if cfg.train.batch_size % cfg.cluster.num_workers:
         raise ExperimentError(f"{source}: train.batch_size={cfg.train.batch_size} is not divisible by "
                               f"cluster.num_workers={cfg.cluster.num_workers}")
@@ -345,6 +384,23 @@ def check_storage_keys(cfg: DictConfig, source: str) -> None:
                 OmegaConf.update(cfg, key, local_path(value))
         except ExperimentError as e:
             raise ExperimentError(f"{source}: {e}") from None
+
+
+def check_elastic(cfg: DictConfig, source: str) -> None:
+    """An elastic run's range of world sizes, and a failure budget a lost node can use."""
+    c = cfg.cluster
+    low = c.min_workers if c.min_workers is not None else c.num_workers
+    if low > c.num_workers:
+        raise ExperimentError(f"{source}: cluster.min_workers={low} is above cluster.num_workers={c.num_workers}: an "
+                              "elastic run trains on between min_workers and num_workers workers")
+    if low > cfg.train.batch_size:
+        raise ExperimentError(f"{source}: cluster.min_workers={low} is above train.batch_size="
+                              f"{cfg.train.batch_size}: a worker without an image of the global batch")
+    if low < c.num_workers and c.max_failures == 0:
+        raise ExperimentError(f"{source}: cluster.min_workers={low} < cluster.num_workers={c.num_workers} makes the "
+                              "run elastic, but cluster.max_failures=0: Ray Train counts a lost node against "
+                              "max_failures, so the first loss would end the run instead of continuing on the workers "
+                              "that remain; set cluster.max_failures to the node losses to survive (-1: any number)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +441,23 @@ def redacted(cfg: DictConfig) -> dict:
         section, name = key.split(".")
         if isinstance(out.get(section), dict) and isinstance(out[section].get(name), str):
             out[section][name] = redact_uri(out[section][name])
+    return out
+
+
+def credentials(cfg: DictConfig) -> dict:
+    """{dotted key: value} of the config's URIs that carry a credential: what `redacted` masks, for a channel that
+    is never stored (a sweep passes them to its trials by Ray's object store, not in Tune's saved state)."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    values = {key: (out.get(key.split(".")[0]) or {}).get(key.split(".")[1]) for key in REDACTED_KEYS}
+    return {k: v for k, v in values.items() if isinstance(v, str) and redact_uri(v) != v}
+
+
+def with_credentials(container: dict, values: dict) -> dict:
+    """A `redacted` config with the `credentials` it lost put back: the config as it was."""
+    out = {section: dict(v) if isinstance(v, dict) else v for section, v in container.items()}
+    for key, value in values.items():
+        section, name = key.split(".")
+        out[section][name] = value
     return out
 
 

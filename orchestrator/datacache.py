@@ -13,7 +13,8 @@
 - Local paths (a node disk, or a mount shared by the nodes) are used where they are, after a cheap check
   (manifest, every file present with its size); `tarflow.prepared.verify` checks the checksums.
 - Absent data, an interrupted preparation (shards but no manifest) and a corrupt manifest are each one
-  ExperimentError naming the root and what to run.
+  ExperimentError naming the root and what to run. A manifest naming a file outside the root (`../x`, `/x`) is
+  corrupt: refused by tarflow.prepared.check_manifest on the driver and on every node, before any read or write.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import pyarrow.fs as pafs
 
 from tarflow.data import DataConfig, dataset_info
 from tarflow.model import ConfigError
-from tarflow.prepared import MANIFEST, check_request, parse_manifest, sha256_file, verify
+from tarflow.prepared import MANIFEST, check_request, load_manifest, parse_manifest, sha256_file, verify
 
 from .errors import ExperimentError
 from .storage import RunStorage, file_lock
@@ -51,6 +52,11 @@ PREPARE_HINTS = {
     "imagenet128": ("/path/to/imagenet (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG)", "--image-size 128 --fid-stats"),
     "afhq256": ("/path/to/afhq (train/{cat,dog,wild}, val/...)", "--image-size 256 --fid-stats"),
 }
+
+
+class ManifestRefused(ExperimentError):
+    """The prepared data's manifest is there and cannot be used (corrupt, or naming files outside the root): a dry
+    run fails on it as the run would, where data that is merely absent here only falls back to the config's sizes."""
 
 
 def default_cache_dir() -> str:
@@ -165,6 +171,11 @@ def _check_local(root: str) -> str:
             raise _incomplete(root, None)
         raise _absent(root, None)
     try:
+        load_manifest(path)
+    except ConfigError as e:
+        raise ManifestRefused(f"{e}; prepare it again (`python -m orchestrator.prepare SOURCE {root} ...` after "
+                              f"deleting the bad {MANIFEST})") from None
+    try:
         verify(path, checksums=False)
     except ConfigError as e:
         raise ExperimentError(f"{e}; prepare it again (`python -m orchestrator.prepare SOURCE {root} ...` remakes "
@@ -189,7 +200,7 @@ def _parse(raw: bytes, store: RunStorage) -> dict:
     try:
         return parse_manifest(raw, f"prepared data {store.describe()}")
     except ConfigError as e:
-        raise ExperimentError(f"{e}; prepare it again: `{prepare_command(store.uri, store.endpoint_url)}` "
+        raise ManifestRefused(f"{e}; prepare it again: `{prepare_command(store.uri, store.endpoint_url)}` "
                               f"(after deleting the bad {MANIFEST})") from None
 
 

@@ -17,11 +17,13 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import redact_uri
@@ -55,36 +57,65 @@ def metric_record(run_id: str, metrics: dict, step: int) -> dict:
             "values": {k: float(v) for k, v in metrics.items()}}
 
 
-def deliver(client: MlflowClient, records: list[dict], last_step: dict) -> None:
-    """Send records in order; metric steps at or below what MLflow already holds are skipped (exactly once).
-    last_step: (run_id, key) -> last step MLflow has, filled in per run on first sight and kept current."""
-    for rec in records:
-        run_id = rec["run_id"]
-        if rec["kind"] == "metrics":
-            if (run_id, None) not in last_step:
-                run = client.get_run(run_id)
-                for key in run.data.metrics:
-                    last_step[(run_id, key)] = max(m.step for m in client.get_metric_history(run_id, key))
-                last_step[(run_id, None)] = 0
-            fresh = [Metric(k, v, rec["ts"], rec["step"]) for k, v in rec["values"].items()
-                     if rec["step"] > last_step.get((run_id, k), -1)]
-            if fresh:
-                client.log_batch(run_id, metrics=fresh)
-                for m in fresh:
-                    last_step[(run_id, m.key)] = m.step
-        elif rec["kind"] == "tags":
-            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in rec["values"].items()])
-        elif rec["kind"] == "artifact":
-            import tempfile
+# what MLflow answers for a record it will never take (a bad key or value, a run it does not know or that was
+# deleted): retrying cannot help, and waiting on it would block every record behind it
+REFUSED_FOR_GOOD = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"}
 
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / Path(rec["path"]).name
-                path.write_bytes(base64.b64decode(rec["data"]))
-                client.log_artifact(run_id, str(path), str(Path(rec["path"]).parent) or None)
-        elif rec["kind"] == "image":
-            deliver_image(client, rec, last_step)
-        elif rec["kind"] == "status":
-            client.set_terminated(run_id, status=rec["status"])
+
+def refused_for_good(e: Exception) -> bool:
+    return isinstance(e, MlflowException) and e.error_code in REFUSED_FOR_GOOD
+
+
+def deliver(client: MlflowClient, records: list[dict], last_step: dict) -> list[tuple[dict, str]]:
+    """Send records in order, each metric step and image step exactly once; returns the records MLflow refused
+    for good, with why (they are set aside). Raises on an outage (nothing is lost: what was sent is skipped
+    when sent again)."""
+    refused = []
+    for rec in records:
+        try:
+            deliver_record(client, rec, last_step)
+        except Exception as e:
+            if not refused_for_good(e):
+                raise
+            refused.append((rec, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+    return refused
+
+
+def deliver_record(client: MlflowClient, rec: dict, last_step: dict) -> None:
+    """One record. last_step: (run_id, key) -> last step MLflow has, filled in per run on first sight."""
+    run_id = rec["run_id"]
+    if rec["kind"] == "metrics":
+        if (run_id, None) not in last_step:
+            run = client.get_run(run_id)
+            for key in run.data.metrics:
+                last_step[(run_id, key)] = max(m.step for m in client.get_metric_history(run_id, key))
+            last_step[(run_id, None)] = 0
+        fresh = [Metric(k, v, rec["ts"], rec["step"]) for k, v in rec["values"].items()
+                 if rec["step"] > last_step.get((run_id, k), -1)]
+        if fresh:
+            client.log_batch(run_id, metrics=fresh)
+            for m in fresh:
+                last_step[(run_id, m.key)] = m.step
+    elif rec["kind"] == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in rec["values"].items()])
+    elif rec["kind"] == "artifact":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(rec["path"]).name
+            path.write_bytes(base64.b64decode(rec["data"]))
+            client.log_artifact(run_id, str(path), str(Path(rec["path"]).parent) or None)
+    elif rec["kind"] == "image":
+        deliver_image(client, rec, last_step)
+    elif rec["kind"] == "status":
+        client.set_terminated(run_id, status=rec["status"])
+
+
+def say_refused(refused: list[tuple[dict, str]], say_line=say) -> None:
+    """One line for records MLflow refused for good."""
+    if refused:
+        rec, why = refused[0]
+        say_line(
+            f"[tracking] MLflow refused {len(refused)} record(s) for good and they are set aside (the first: "
+            f"{rec['kind']} of run {rec['run_id']}: {why}); the rest is delivered")
 
 
 # what MlflowClient.log_image(key=, step=) names its files: images/<key, / as ~>+step+<step>+timestamp+...
@@ -124,17 +155,20 @@ def deliver_image(client: MlflowClient, rec: dict, last_step: dict) -> None:
 
 
 class TrackingQueue:
-    """One per process: records of any run, delivered in order by a daemon thread."""
+    """One per process: records of any run, delivered in order by a daemon thread. A record MLflow refuses for
+    good is set aside (self.rejected) with one line; an outage is waited out with back-off (30 s at most, 2 s
+    while close() drains), and close() ends the thread's attempts: what is pending then is the caller's."""
 
     def __init__(self, uri: str, say=say):
         self.uri, self.say = uri, say
         self.records: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.down_since: float | None = None
-        self.closing = False
-        self.closed = threading.Event()  # wakes a delivery thread that waits out an outage
+        self.closing = self.stopped = False
+        self.wake = threading.Event()  # cuts an outage's wait short once, when close() starts draining
         self.last_step: dict = {}
         self.delivered = 0
+        self.rejected: list[tuple[dict, str]] = []
         self.thread = threading.Thread(target=self._run, name="mlflow-delivery", daemon=True)
         self.thread.start()
 
@@ -154,14 +188,17 @@ class TrackingQueue:
             return list(self.records)
 
     def close(self, timeout: float) -> list[dict]:
-        """Wait up to timeout for the queue to drain; returns what is still undelivered."""
+        """Wait up to timeout for the queue to drain; returns what is still undelivered, which the thread no
+        longer tries to send."""
         deadline = time.time() + timeout
-        self.closed.set()
         with self.cond:
             self.closing = True
+            self.wake.set()
             self.cond.notify_all()
             while self.records and time.time() < deadline:
                 self.cond.wait(min(1.0, max(0.01, deadline - time.time())))
+            self.stopped = True
+            self.wake.set()
             return list(self.records)
 
     def _run(self) -> None:
@@ -169,34 +206,41 @@ class TrackingQueue:
         wait = 1.0
         while True:
             with self.cond:
-                while not self.records:
+                while not self.records and not self.stopped:
                     self.cond.wait()
-                batch = [self.records[0]]
-                # consecutive metric records are taken in one pass (each is still its own request)
-                for rec in list(self.records)[1:200]:
-                    if rec["kind"] != "metrics" or batch[-1]["kind"] != "metrics":
-                        break
-                    batch.append(rec)
+                if self.stopped:
+                    return
+                rec = self.records[0]
             try:
-                deliver(client, batch, self.last_step)
-            except Exception as e:  # any failure is an outage: keep the records, try later
-                if self.down_since is None:
-                    self.down_since = time.time()
-                    self.say(f"[tracking] MLflow at {redact_uri(self.uri)} is not answering ({type(e).__name__}); "
-                             f"training goes on and {len(self.records)} record(s) wait in the queue")
-                self.closed.wait(wait)  # new records do not shorten the wait: no request storm during an outage
-                wait = min(wait * 2, 30.0 if not self.closed.is_set() else 2.0)
+                refused = deliver(client, [rec], self.last_step)
+            except Exception as e:  # an outage: keep the record, try later
+                self._down(e)
+                self.wake.wait(wait)  # new records do not shorten the wait: no request storm during an outage
+                self.wake.clear()
+                wait = min(wait * 2, 2.0 if self.closing else 30.0)
                 continue
             with self.cond:
-                for _ in batch:
+                if self.records and self.records[0] is rec:
                     self.records.popleft()
-                self.delivered += len(batch)
+                self.delivered += 1
                 self.cond.notify_all()
-            if self.down_since is not None:
-                self.say(f"[tracking] MLflow is back after {time.time() - self.down_since:.0f} s; delivering "
-                         f"{len(self.records) + len(batch)} queued record(s)")
-                self.down_since = None
+            if refused and not self.rejected:
+                say_refused(refused, self.say)
+            self.rejected += refused
+            self._up()
             wait = 1.0
+
+    def _down(self, e: Exception) -> None:
+        if self.down_since is None:
+            self.down_since = time.time()
+            self.say(f"[tracking] MLflow at {redact_uri(self.uri)} is not answering ({type(e).__name__}); "
+                     f"training goes on and {len(self.records)} record(s) wait in the queue")
+
+    def _up(self) -> None:
+        if self.down_since is not None:
+            self.say(f"[tracking] MLflow is back after {time.time() - self.down_since:.0f} s; delivering "
+                     f"{len(self.records)} queued record(s)")
+            self.down_since = None
 
 
 class RunLogger:

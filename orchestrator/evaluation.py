@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -18,11 +19,15 @@ from torch.utils.data.distributed import DistributedSampler
 
 import tarflow
 from tarflow.data import DataConfig, ImageDataset, load_dataset, to_uint8
+from tarflow.model import ConfigError
+from tarflow.prepared import sha256_file
 
 from .delivery import RunLogger
+from .errors import ExperimentError
+from .lineage import dataset_digest
 from .plan import RunPlan
 from .rundir import fid_stats_path
-from .storage import RunStorage
+from .storage import RunStorage, file_lock
 
 
 def heldout_bpd(model: tarflow.TarFlow, val: ImageDataset, batch_size: int, device: torch.device,
@@ -116,10 +121,17 @@ class FeatureMoments:
         return FIDStatistics(mu.cpu().numpy(), sigma.cpu().numpy(), int(n))
 
 
-def inception_weights_file(spec: str | None, storage) -> str | None:
-    """A local weights file for torch-fidelity's Inception, from the config's eval.fid.inception_weights."""
+def inception_weights_file(spec: str | None, storage, sha256: str | None = None) -> str | None:
+    """A local weights file for torch-fidelity's Inception, from the config's eval.fid.inception_weights (a local
+    path, s3://... or fid-helper), checked against eval.fid.inception_sha256 when that pins it.
+
+    An s3:// file is cached on the node under its content's sha256 (an object replaced under the same name is
+    never served stale), written under a temporary name and renamed; a pinned copy already in the cache is not
+    fetched again. tarflow.fid.load_inception_weights reads the file: tensors only, nothing in it runs."""
     if not spec:
         return None
+    if sha256 is not None and not SHA256.fullmatch(sha256):
+        raise ExperimentError(f"eval.fid.inception_sha256 {sha256!r} is not a sha256 (64 lowercase hex digits)")
     cache = Path(os.environ.get("TARFLOW_CACHE", Path.home() / ".cache" / "tarflow"))
     if spec == "fid-helper":
         from tarflow.fid import convert_fid_helper_weights
@@ -130,43 +142,98 @@ def inception_weights_file(spec: str | None, storage) -> str | None:
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             convert_fid_helper_weights(tmp)
             os.replace(tmp, path)  # atomic: workers on one node may convert at the same time
-        return str(path)
-    if spec.startswith("s3://"):
-        remote = RunStorage(spec.rsplit("/", 1)[0], storage.endpoint_url)
-        path = cache / ("inception-" + spec.replace("/", "_").replace(":", ""))
-        if not path.exists():
-            data = remote.read_bytes(spec.rsplit("/", 1)[1])
-            if data is None:
-                raise FileNotFoundError(f"eval.fid.inception_weights {spec} does not exist")
-            cache.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        return str(path)
-    if not Path(spec).is_file():
-        raise FileNotFoundError(f"eval.fid.inception_weights {spec} does not exist")
-    return spec
+    elif spec.startswith("s3://"):
+        return str(_fetched_weights(spec, sha256, storage.endpoint_url if storage else None, cache))
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ExperimentError(f"eval.fid.inception_weights {spec} does not exist")
+    _check_pin(path, sha256, spec)
+    return str(path)
+
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_pin(path: Path, sha256: str | None, where: str) -> None:
+    if sha256 and (digest := sha256_file(path)) != sha256:
+        raise ExperimentError(f"eval.fid.inception_weights {where}: its sha256 is {digest[:12]}…, "
+                              f"eval.fid.inception_sha256 says {sha256[:12]}…: the file changed, or the pin is wrong")
+
+
+def _fetched_weights(uri: str, sha256: str | None, endpoint_url: str | None, cache: Path) -> Path:
+    """This node's copy of an s3:// weights file, named by its sha256 and checked against the pin."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache / "inception.lock"):  # the ranks of a node fetch once
+        if sha256 and (cached := cache / f"inception-{sha256}.pth").is_file():
+            if sha256_file(cached) == sha256:
+                return cached
+            cached.unlink()  # damaged: fetched again below
+        parent, name = uri.rstrip("/").rsplit("/", 1)
+        part = cache / f".inception-{os.getpid()}.part"
+        try:
+            RunStorage(parent, endpoint_url).download(name, part)
+        except FileNotFoundError:
+            raise ExperimentError(f"eval.fid.inception_weights {uri} does not exist") from None
+        try:
+            _check_pin(part, sha256, uri)
+            path = cache / f"inception-{sha256_file(part)}.pth"
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
+    return path
+
+
+def uses_fid(cfg) -> bool:
+    return bool(cfg.eval.fid.enabled or cfg.eval.periodic_fid_samples or cfg.sample.fid)
+
+
+def check_inception_weights(spec: str | None, sha256: str | None, require_file: bool) -> None:
+    """On the driver, before any work: a local weights file must exist (when require_file), match its pin and hold
+    only tensors. s3:// and fid-helper weights, and a local file absent here (a path on the cluster's nodes, for a
+    dry run or a submission), are checked where they are read, on the workers."""
+    if not spec or spec == "fid-helper" or spec.startswith("s3://") or not (require_file or Path(spec).is_file()):
+        return
+    from tarflow.fid import load_inception_weights
+
+    path = inception_weights_file(spec, None, sha256)
+    try:
+        load_inception_weights(path)
+    except ConfigError as e:
+        raise ExperimentError(f"eval.fid.inception_weights: {e}") from None
+
+
+def reference_stats_relpath(data_cfg: DataConfig, fid_cfg) -> str:
+    """Where a data set's reference statistics are cached in storage: keyed by its content digest (lineage.py),
+    the transform and the reference protocol, so other data under the same root never reuses them."""
+    from tarflow.fid import reference_stats_key
+
+    plain = dataclasses.replace(data_cfg, flip=False)
+    _, digest = dataset_digest(plain)
+    return fid_stats_path(reference_stats_key(plain.name, plain.image_size or 0, {
+        "data": digest, "fit": plain.fit, "channels": plain.channels, "limit": plain.limit,
+        "reference_images": fid_cfg.reference_images, "flips": fid_cfg.flips, "split": "train"}))
 
 
 def reference_statistics(data_cfg: DataConfig, fid_cfg, storage, extractor, rank: int, world: int,
                          device: torch.device):
     """Training-set statistics (with flips), computed once per data set × resolution × transform and
     cached in storage; each rank featurises its shard. Returns the statistics on every rank."""
-    from tarflow.fid import FEATURE_DIM, FIDStatistics, reference_stats_key
+    from tarflow.fid import FEATURE_DIM, FIDStatistics
 
     if data_cfg.name == "prepared" and fid_cfg.flips and not fid_cfg.reference_images:
-        from tarflow.prepared import prepared_fid_statistics
+        from tarflow.fid import prepared_fid_statistics
 
         stored = prepared_fid_statistics(data_cfg.root)  # made where the data was prepared, on the paper's protocol
         if stored is not None:
             return stored
-    plain = dataclasses.replace(data_cfg, flip=False)
-    key = reference_stats_key(plain.name, plain.image_size or 0, {
-        "root": plain.root, "fit": plain.fit, "channels": plain.channels, "limit": plain.limit,
-        "reference_images": fid_cfg.reference_images, "flips": fid_cfg.flips, "split": "train"})
-    relpath = fid_stats_path(key)
-    cached = storage.read_bytes(relpath)
-    if cached is not None:
-        return FIDStatistics.load(io.BytesIO(cached))
-    train = load_dataset(plain, "train")
+    relpath = reference_stats_relpath(data_cfg, fid_cfg) if rank == 0 else None
+    cached = [storage.read_bytes(relpath) if rank == 0 else None]
+    if world > 1:  # one rank decides: two ranks reading while another run writes could part ways and hang
+        dist.broadcast_object_list(cached, src=0)
+    if cached[0] is not None:
+        return FIDStatistics.load(io.BytesIO(cached[0]))
+    train = load_dataset(dataclasses.replace(data_cfg, flip=False), "train")
     if fid_cfg.reference_images:
         train = torch.utils.data.Subset(train, range(min(fid_cfg.reference_images, len(train))))
     shard = torch.utils.data.Subset(train, range(rank, len(train), world))
@@ -218,7 +285,8 @@ class FIDContext:
         if self._extractor is None:
             from tarflow.fid import InceptionFeatures
 
-            weights = inception_weights_file(self.cfg.eval.fid.inception_weights, self.storage)
+            fid_cfg = self.cfg.eval.fid
+            weights = inception_weights_file(fid_cfg.inception_weights, self.storage, fid_cfg.inception_sha256)
             self._extractor = InceptionFeatures(weights, device=self.device)
             self._reference = reference_statistics(self.plan.data, self.cfg.eval.fid, self.storage, self._extractor,
                                                    self.rank, self.world, self.device)

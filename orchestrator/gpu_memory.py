@@ -3,11 +3,12 @@ cluster.gpu_memory_gb: printed part by part by --dry-run, and checked before any
 which cannot fit is refused with the cheapest changes that do instead of failing with CUDA out of memory
 after its nodes have started.
 
-The estimate is for eager PyTorch as the workers run it: the per-worker batch (train.batch_size /
-cluster.num_workers) in train.grad_accum_steps micro-batches, precision "auto" resolved as the workers
-resolve it on a GPU, an EMA copy when train.ema_decay is set, DDP's gradient buckets with more than one
-worker, plus tarflow.memory.CUDA_OVERHEAD_BYTES for the CUDA context, NCCL and library workspaces. A run
-fits when that is at most HEADROOM of the GPU's memory (the rest is left to the caching allocator).
+The estimate is for eager PyTorch as the workers run it: the per-worker batch (train.batch_size over the
+smallest world size: cluster.num_workers, or an elastic run's min_workers) in train.grad_accum_steps
+micro-batches, precision "auto" resolved as the workers resolve it on a GPU, an EMA copy when train.ema_decay
+is set, DDP's gradient buckets with more than one worker, plus tarflow.memory.CUDA_OVERHEAD_BYTES for the CUDA
+context, NCCL and library workspaces. A run fits when that is at most HEADROOM of the GPU's memory (the rest
+is left to the caching allocator).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tarflow.memory import CUDA_OVERHEAD_BYTES, FitOption, FitPlan, GiB, plan_fi
 
 from .config import with_values
 from .errors import ExperimentError
-from .plan import RunPlan, plan_run, train_config
+from .plan import RunPlan, min_workers, plan_run, train_config
 
 HEADROOM = 0.9
 # training_memory's keys as the dry run names them, in the order it prints them
@@ -57,8 +58,7 @@ def estimate(plan: RunPlan, trial: dict | None = None) -> MemoryEstimate:
                              t.grad_accum_steps, ddp=c.num_workers > 1)
     fit = None
     if c.gpu_memory_gb is not None:
-        share = min(1.0, c.gpus_per_worker)  # workers that share a GPU share its memory
-        fit = plan_fit(plan.model, plan.per_worker_batch, int(c.gpu_memory_gb * share * GiB), precision, ema,
+        fit = plan_fit(plan.model, plan.per_worker_batch, int(c.gpu_memory_gb * GiB), precision, ema,
                        c.num_workers, t.activation_checkpointing, t.grad_accum_steps, headroom=HEADROOM)
     return MemoryEstimate(plan=plan, trial=trial or {}, precision=precision, memory=memory, fit=fit)
 
@@ -93,7 +93,7 @@ def describe_memory(plan: RunPlan, estimates: list[MemoryEstimate]) -> str:
         return "gpu memory  not checked: a CPU run (cluster.use_gpu=false)"
     worst = estimates[0]
     t = worst.plan.cfg.train
-    k, batch, workers = t.grad_accum_steps, worst.plan.per_worker_batch, worst.plan.cfg.cluster.num_workers
+    k, batch, workers = t.grad_accum_steps, worst.plan.per_worker_batch, min_workers(worst.plan.cfg)
     lines = [f"gpu memory  per GPU: {batch} images ({t.batch_size} / {workers} workers) in {k} "
              f"micro-batch{'es' if k > 1 else ''} of {batch // k}, {worst.precision}, activation checkpointing "
              f"{'on' if t.activation_checkpointing else 'off'} (eager PyTorch, tarflow.memory), GiB:"]

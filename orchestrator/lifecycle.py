@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from .config import compose_experiment, redact_uri, redacted
 from .errors import RESUME_FAILED, ExperimentError, RunFailed
+from .evaluation import check_inception_weights, uses_fid
 from .lease import LeaseHeld, RunLease
 from .lineage import log_data_input
 from .plan import RunPlan, evaluation_key, plan_run
@@ -49,6 +50,8 @@ def load_experiment(experiment: str, overrides: list[str], require_data: bool = 
     """An experiment YAML + overrides, composed, checked and planned: (plan, storage, tracking URI)."""
     cfg = compose_experiment(experiment, overrides)
     plan = plan_run(cfg, source=Path(experiment).name, require_data=require_data)
+    if uses_fid(cfg):  # a weights file that would fail on the workers fails here, before any work
+        check_inception_weights(cfg.eval.fid.inception_weights, cfg.eval.fid.inception_sha256, require_data)
     return plan, storage_from_config(cfg), resolve_tracking_uri(cfg)
 
 
@@ -198,7 +201,7 @@ def fit_training(plan: RunPlan, run: RunDir, tracker: Tracker, run_id: str, eval
     watched = lease.watched(board.lease_held.remote, board.lease_lost.remote) if lease else nullcontext()
     try:
         with watched, printer:
-            result = fit(trainer)
+            result = fit(trainer, plan.cfg)
     except Exception as e:
         if lease is not None and not lease.still_ours():  # the MLflow run is the other launch's: nothing recorded
             raise lease_lost(plan, lease) from None

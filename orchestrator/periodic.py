@@ -14,13 +14,14 @@ would (the EMA when the run keeps one) and rank 0 logs, at that training step:
 These are named apart from the final evaluation's `bpd` and `fid`, which use the whole held-out set and
 eval.fid.num_samples and are not comparable with them.
 
-The training trajectory is exactly the same with and without it: no draw from the global RNG streams
-that noise augmentation and label drop use (explicit generators, and the global state restored around
-it all, for library code that draws, such as a DataLoader's seed), no change of the model's mode or state,
-and the wrapped (DDP) module is never called. Ranks share the work: BPD by a stride over the subset,
-sample chunks round-robin, FID samples by count; every rank takes part in each collective. Evaluation
-steps are the multiples of every_steps that a process trains through, so a resume neither repeats nor
-skips one, and the logger delivers each (key, step) once if a step is evaluated again after a crash.
+The training trajectory is exactly the same with and without it: training draws nothing from the global RNG
+(its randomness is keyed by seed, step and position: tarflow.randomness), the evaluation's own draws use
+explicit generators (and the global state is restored around it all, for library code that draws), the
+model's mode and state are left as they were, and the wrapped (DDP) module is never called. Ranks share
+the work: BPD by a stride over the subset, sample chunks round-robin, FID samples by count; every rank takes
+part in each collective. Evaluation steps are the multiples of every_steps that a process trains through, so
+a resume neither repeats nor skips one, and the logger delivers each (key, step) once if a step is
+evaluated again after a crash.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ identity (the hash of everything that changes the trained model), derived before
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -13,12 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from tarflow import ConfigError, TarFlowConfig, TrainConfig
 from tarflow.data import DataConfig
 
-from .datacache import data_info
+from .datacache import ManifestRefused, data_info
 from .errors import ExperimentError
 from .rundir import run_dir_name
 from .schema import ExperimentConfig
 
-CODE_VERSION = "0.1"  # bump when a change makes old checkpoints incompatible: it is part of the run identity
+CODE_VERSION = "0.2"  # bump when a change makes old checkpoints incompatible: it is part of the run identity
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RunPlan:
     run_key: str                # hash of everything that changes the trained model
     run_name: str               # storage-safe and unique: <experiment>-<arch>-<key>
     display_name: str           # what MLflow shows: <experiment>/<arch>/<noise>
-    per_worker_batch: int
+    per_worker_batch: int       # the largest share of the global batch a worker holds (at the smallest world size)
     data_present: bool = True
 
     @property
@@ -57,7 +58,7 @@ def train_config(cfg: DictConfig, total_steps: int = 1, warmup_steps: int = 0, o
                        warmup_steps=warmup_steps, total_steps=total_steps, noise=t.noise, noise_std=t.noise_std,
                        label_drop=t.label_drop, bf16=bf16, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
                        compile=t.compile, activation_checkpointing=t.activation_checkpointing,
-                       grad_accum_steps=t.grad_accum_steps)
+                       grad_accum_steps=t.grad_accum_steps, tf32=t.tf32, seed=t.seed, flip=cfg.data.flip)
 
 
 def schedule(cfg: DictConfig, train_size: int) -> tuple[int, int, int]:
@@ -117,9 +118,15 @@ def evaluation_key(cfg: DictConfig) -> str:
 
 
 def non_default_leaves(cfg: DictConfig) -> dict:
-    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(ExperimentConfig)))
+    defaults = schema_defaults()
     return {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
             if k not in defaults or defaults[k] != v}
+
+
+@functools.cache
+def schema_defaults() -> dict:
+    # built once: a structured config takes ~50 ms, and a sweep's dry run plans every trial
+    return flatten(OmegaConf.to_container(OmegaConf.structured(ExperimentConfig)))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -140,17 +147,12 @@ def short_hash(value) -> str:
 def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True) -> RunPlan:
     """Validate the meaning of a config (model against data) and derive the plan.
 
-    require_data=False (dry runs) falls back to the sizes the config declares when the data is absent.
+    require_data=False (dry runs) falls back to the sizes the config declares when the data is absent (or cannot
+    be reached from here); a manifest that is there and refused fails as it would in the run.
     """
     try:
         data = data_config(cfg)
-        try:
-            info = data_info(data, cfg.storage.endpoint_url)  # prepared data in S3: its manifest only
-        except (ConfigError, ExperimentError) as e:
-            if require_data or not data.image_size:
-                raise ExperimentError(f"{source}: {e}") from None
-            info = {"channels": data.channels or 3, "image_size": data.image_size,
-                    "num_classes": cfg.data.num_classes or 0, "absent": True}
+        info = data_facts(cfg, data, source, require_data)
         if cfg.data.num_classes is not None and info["num_classes"] != cfg.data.num_classes:
             raise ConfigError(f"data.num_classes={cfg.data.num_classes} but {data.name} at {data.root} has "
                               f"{info['num_classes']} classes")
@@ -168,8 +170,34 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
     return RunPlan(cfg=cfg, source=source, model=model, data=data, run_key=key,
                    run_name=run_dir_name(cfg.experiment.name, arch_name(model), key),
                    display_name=cfg.tracking.run_name or f"{cfg.experiment.name}/{arch_name(model)}/{noise}",
-                   per_worker_batch=cfg.train.batch_size // cfg.cluster.num_workers,
+                   per_worker_batch=-(-cfg.train.batch_size // min_workers(cfg)),
                    data_present=not info.get("absent"))
+
+
+def min_workers(cfg: DictConfig) -> int:
+    """The smallest world size a run may train at: cluster.min_workers for an elastic run, else num_workers."""
+    c = cfg.cluster
+    return c.min_workers if c.min_workers is not None else c.num_workers
+
+
+def data_facts(cfg: DictConfig, data: DataConfig, source: str, require_data: bool) -> dict:
+    """What the data holds (data_info: channels, image size, classes, training images), checked against the
+    global batch; with require_data=False (dry runs) the sizes the config declares stand in for absent data."""
+    try:
+        info = data_info(data, cfg.storage.endpoint_url)  # prepared data in S3: its manifest only
+    except (ConfigError, ExperimentError) as e:
+        if require_data or not data.image_size or isinstance(e, ManifestRefused):  # a refused manifest is no absence
+            raise ExperimentError(f"{source}: {e}") from None
+        info = {"channels": data.channels or 3, "image_size": data.image_size,
+                "num_classes": cfg.data.num_classes or 0, "train_images": cfg.data.train_images, "absent": True}
+    images = info.get("train_images")
+    if images is not None and images < cfg.train.batch_size:
+        limit = f" (data.limit={cfg.data.limit})" if cfg.data.limit else ""
+        raise ExperimentError(
+            f"{source}: {data.name} has {images} training images{limit}, fewer than one global batch "
+            f"(train.batch_size={cfg.train.batch_size}): every step takes a whole batch, so no step could ever be "
+            "taken. Lower train.batch_size or give more data")
+    return info
 
 
 ARCH_PARTS = ("patch_size", "width", "num_blocks", "layers_per_block")  # P-Ch-T-K, in model.arch's order

@@ -24,7 +24,7 @@ receives fixed-size uint8 shards, their checksums and a manifest (format: tarflo
 - `--fid-stats`: the FID reference statistics of the train split with flips (the paper's protocol, as
   orchestrator.evaluation computes them: TF-FID Inception pool3 features of every image and its mirror),
   computed by Ray tasks over the shards (on GPUs when the cluster has them) into DEST/fid_stats.npz and
-  recorded in the manifest; `tarflow.prepared.prepared_fid_statistics(local_root)` reads them back.
+  recorded in the manifest; `tarflow.fid.prepared_fid_statistics(local_root)` reads them back.
 """
 
 from __future__ import annotations
@@ -335,9 +335,9 @@ def _fid_statistics(out: RunStorage, sidecars: list[dict], weights: str | None, 
 
     from tarflow.fid import EXTRACTOR, FEATURE, FID_PROTOCOL, FIDStatistics
 
-    if weights and not weights.startswith("s3://") and weights != "fid-helper" and not os.path.isfile(weights):
-        raise ExperimentError(f"--inception-weights {weights} does not exist (a path on every node, s3://..., "
-                              f"or fid-helper)")
+    from .evaluation import check_inception_weights
+
+    check_inception_weights(weights, None, require_file=True)  # a local file: here, before any task
     train = [sc for sc in sidecars if sc["split"] == "train" and sc["count"]]
     t0 = time.perf_counter()
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0

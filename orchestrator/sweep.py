@@ -18,7 +18,8 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import trainer
-from .config import with_values
+from .config import credentials, redacted, with_credentials, with_values
+from .delivery import quick_failing_http
 from .errors import ExperimentError
 from .lease import RunLease
 from .lifecycle import catch_up_experiment, start_tracked_run, train_evaluate_and_record
@@ -187,30 +188,33 @@ def describe_sweep(sweep: SweepPlan) -> str:
 # The trial: one Ray Train run launched from a Tune function trainable
 
 
-def trial_plan(config: dict) -> tuple[RunPlan, dict]:
-    """The run of one trial: the base config with the trial's train-axis values."""
+def trial_plan(config: dict, secrets: dict) -> tuple[RunPlan, dict]:
+    """The run of one trial: the base config (its credentials back from `secrets`) with the trial's train-axis
+    values."""
     overrides = expand(config["overrides"])
-    cfg = with_values(OmegaConf.create(config["base"]), overrides, config["source"])
+    cfg = with_values(with_credentials(config["base"], secrets["config"]), overrides, config["source"])
     plan = plan_run(cfg, source=config["source"])
     if overrides:  # a sample-time-only sweep has one trial: the plain run
         plan.display_name = f"{plan.display_name}[{overrides_label(overrides)}]"
     return plan, overrides
 
 
-def run_trial(config: dict) -> None:
-    """Tune trainable. config: {"base": cfg container, "source", "overrides": {key: value}, ...}."""
+def run_trial(config: dict, secrets: dict) -> None:
+    """Tune trainable. config: {"base": redacted cfg container, "source", "overrides": {key: value}, ...}, what
+    Tune stores; secrets: {"tracking_uri", "storage", "config": credentials(cfg)}, what it must not (sweep_to_end)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     set_verbose(config.get("verbose", False))
-    plan, overrides = trial_plan(config)
-    run = RunDir(RunStorage(**config["storage"]), plan.run_name)
+    quick_failing_http()  # as on the driver: a trial runs in a Ray worker, which need not share its environment
+    plan, overrides = trial_plan(config, secrets)
+    run = RunDir(RunStorage(**secrets["storage"]), plan.run_name)
     done = run.read_result()
     if done is not None:  # finished before: report, don't reopen or retrain (new settings: run_sweep's catch-up)
         ray.tune.report(done["metrics"])
         return
     with RunLease(run, f"trial of sweep {config['sweep_name']}") as lease:
-        tracker = Tracker(config["tracking_uri"])
+        tracker = Tracker(secrets["tracking_uri"])
         resume_from = run.checkpoint_to_resume(set_aside_corrupt=False)
         run_id = start_tracked_run(plan, run, tracker, parent_run_id=config["parent_run_id"],
                                    extra_tags={SWEEP_TAG: config["sweep_name"],
@@ -258,21 +262,23 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
     parent_id = tracker.start_run(exp_id, sweep.sweep_key, sweep.display_name, flat_params(cfg),
                                   tags={SWEEP_TAG: sweep.name, KIND_TAG: SWEEP})
     init_ray(cfg, min_cpus=int(trial_resources(cfg)["CPU"] + 0.999))
+    # Tune stores param_space (its state, every trial's params and results): credentials in URIs stay out of it and
+    # reach the trials through Ray's object store (tune.with_parameters), which nothing writes to storage
     param_space = {
-        "base": OmegaConf.to_container(cfg, resolve=True), "source": base.source,
-        "overrides": {a.key: a.tune_domain() for a in sweep.train_axes},
-        "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url, "retry_seconds": storage.retry_seconds},
-        "tracking_uri": tracking_uri,
+        "base": redacted(cfg), "source": base.source, "overrides": {a.key: a.tune_domain() for a in sweep.train_axes},
         "parent_run_id": parent_id, "sweep_name": sweep.name, "sample_settings": sweep.sample_settings,
         "verbose": trainer.VERBOSE,
     }
-    grid = tuner_of(sweep, storage, param_space).fit()
+    secrets = {"tracking_uri": tracking_uri, "config": credentials(cfg),
+               "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url,
+                           "retry_seconds": storage.retry_seconds}}
+    grid = tuner_of(sweep, storage, param_space, secrets).fit()
     errored = {trial_id_of(r) for r in grid if r.error is not None}
-    catch_up_evaluations(sweep, storage, tracker, param_space)
-    return publish_results(sweep, tracker, parent_id, errored)
+    catch_up_evaluations(sweep, storage, tracker, param_space, secrets)
+    return publish_results(sweep, storage, tracker, parent_id, errored)
 
 
-def tuner_of(sweep: SweepPlan, storage: RunStorage, param_space: dict):
+def tuner_of(sweep: SweepPlan, storage: RunStorage, param_space: dict, secrets: dict):
     """The sweep's Tuner: restored from storage when an earlier launch left its state there."""
     from ray import tune
 
@@ -280,7 +286,8 @@ def tuner_of(sweep: SweepPlan, storage: RunStorage, param_space: dict):
     concurrency = max_concurrent(sweep.base.cfg)
     print(f"[sweep] {sweep.name}: {len(sweep.train_axes)} train axes, {len(sweep.sample_settings)} sample "
           f"settings per trial, up to {concurrency} trials at once", flush=True)
-    trainable = tune.with_resources(run_trial, {"CPU": 1})  # the trial driver; its Train workers ask for their own
+    # the trial driver asks for one CPU; its Train workers ask for their own
+    trainable = tune.with_resources(tune.with_parameters(run_trial, secrets=secrets), {"CPU": 1})
     fs, root = storage.filesystem_and_root()
     path = f"{root}/{sweep.name}"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
@@ -300,10 +307,13 @@ def tuner_of(sweep: SweepPlan, storage: RunStorage, param_space: dict):
     )
 
 
-def publish_results(sweep: SweepPlan, tracker: Tracker, parent_id: str, errored: set) -> pd.DataFrame:
-    """The results table into the parent run (CSV, markdown, an MLflow table), the best trial tagged."""
+def publish_results(sweep: SweepPlan, storage: RunStorage, tracker: Tracker, parent_id: str, errored: set
+                    ) -> pd.DataFrame:
+    """The results table into the parent run (CSV, markdown, an MLflow table), the best trial tagged; what
+    MLflow missed of the trials is replayed first, so the table reads what storage holds."""
+    catch_up_experiment(storage, sweep.base.cfg.experiment.name, tracker)
     s = sweep.base.cfg.sweep
-    table = results_table(tracker, sweep.base.experiment_name, sweep, errored)
+    table = results_table(tracker, sweep.base.experiment_name, sweep, storage, errored)
     close_runs(tracker, table, sweep)
     best = best_trial(table, s.metric, s.mode)
     report = table_markdown(table, best, s.metric, s.mode)
@@ -323,7 +333,8 @@ def publish_results(sweep: SweepPlan, tracker: Tracker, parent_id: str, errored:
 # Results: built from MLflow, the record of truth, so the table and the UI agree
 
 
-def catch_up_evaluations(sweep: SweepPlan, storage: RunStorage, tracker: Tracker, param_space: dict) -> None:
+def catch_up_evaluations(sweep: SweepPlan, storage: RunStorage, tracker: Tracker, param_space: dict,
+                         secrets: dict) -> None:
     """Sample-time settings added since a trial finished (a rerun with new sample-axis values) are evaluated
     on its final checkpoint, all in one Ray Train job; nothing is retrained, nothing evaluated twice."""
     frame = runs_frame(tracker.client, sweep.base.experiment_name, sweep.name)
@@ -332,7 +343,7 @@ def catch_up_evaluations(sweep: SweepPlan, storage: RunStorage, tracker: Tracker
     todo = []
     for _, trial in frame[frame["trial"].notna()].drop_duplicates("train_run_id").iterrows():
         overrides = json.loads(tracker.client.get_run(trial["train_run_id"]).data.tags.get(OVERRIDES_TAG) or "{}")
-        plan, _ = trial_plan({**param_space, "overrides": overrides})
+        plan, _ = trial_plan({**param_space, "overrides": overrides}, secrets)
         done = RunDir(storage, plan.run_name).read_result()
         if done is not None and (missing := missing_evaluations(plan, done, sweep.sample_settings)):
             todo.append((plan, done, missing))
@@ -342,10 +353,12 @@ def catch_up_evaluations(sweep: SweepPlan, storage: RunStorage, tracker: Tracker
         evaluate_many(sweep.base.cfg, storage, tracker, todo, bpd=False, extra_tags={SWEEP_TAG: sweep.name})
 
 
-def results_table(tracker: Tracker, experiment: str, sweep: SweepPlan, errored: set = frozenset()) -> pd.DataFrame:
+def results_table(tracker: Tracker, experiment: str, sweep: SweepPlan, storage: RunStorage,
+                  errored: set = frozenset()) -> pd.DataFrame:
     """One row per trial × sample-time setting, with the trial's train-axis values, the setting's values and
-    the metrics (the trial's, and the setting's own on top). A trial is finished (its run completed), failed
-    (Tune saw an error) or stopped (ASHA ended it early)."""
+    the metrics (the trial's, and the setting's own on top). A trial is finished (its result marker is in
+    storage, the record of truth, whatever MLflow's status says yet), failed (Tune saw an error) or stopped
+    (ASHA ended it early)."""
     frame = runs_frame(tracker.client, experiment, sweep.name)
     if not len(frame):
         return frame
@@ -353,8 +366,9 @@ def results_table(tracker: Tracker, experiment: str, sweep: SweepPlan, errored: 
     axis_keys = [k for a in sweep.train_axes for k in a.key.split(",")]
     setting_keys = list(sweep.sample_settings[0]) if sweep.sample_settings else []
     rows = []
+    finished = {d for d in frame["run_dir"].dropna().unique() if RunDir(storage, d).read_result() is not None}
     for _, r in frame.iterrows():
-        status = "finished" if r["status"] == "FINISHED" else "failed" if r["trial"] in errored else "stopped"
+        status = "finished" if r["run_dir"] in finished else "failed" if r["trial"] in errored else "stopped"
         rows.append({"trial": r["trial"], "run_id": r["train_run_id"], "overrides": r["overrides"],
                      **{k: r.get(k) for k in axis_keys}, "status": status, "stopped_early": status == "stopped",
                      "setting": r["setting"], **{k: r.get(k) for k in setting_keys},

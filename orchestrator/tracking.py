@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .config import redact_uri
-from .delivery import deliver
+from .delivery import deliver, say_refused
 from .errors import ExperimentError
 from .records import RUN_KEY_TAG, SUPERSEDED_TAG
 from .storage import file_lock
@@ -107,5 +107,6 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def deliver(self, records: list[dict]) -> None:
-        """Records a job could not deliver itself (a backlog), in order; raises while MLflow is unreachable."""
-        deliver(self.client, records, {})
+        """Records a job could not deliver itself (a backlog), in order; raises while MLflow is unreachable.
+        Records MLflow refuses for good are set aside with one line."""
+        say_refused(deliver(self.client, records, {}))

@@ -62,11 +62,16 @@ def pin_local_address() -> None:
 
 
 def scaling_config(cfg) -> ray.train.ScalingConfig:
+    """cfg's workers; a (min, max) range makes Ray Train V2 elastic: on with the workers that remain when a node is
+    lost, grown back (a restart from the last checkpoint) when it finds capacity every resize_interval_s."""
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
         resources["GPU"] = c.gpus_per_worker
-    return ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources)
+    low = c.min_workers if c.min_workers is not None else c.num_workers
+    return ray.train.ScalingConfig(num_workers=c.num_workers if low == c.num_workers else (low, c.num_workers),
+                                   use_gpu=c.use_gpu, resources_per_worker=resources,
+                                   elastic_resize_monitor_interval_s=c.resize_interval_s)
 
 
 def torch_trainer(loop, loop_config: dict, cfg, storage: RunStorage, name: str, max_failures: int = 0,
@@ -84,8 +89,10 @@ def torch_trainer(loop, loop_config: dict, cfg, storage: RunStorage, name: str, 
     )
 
 
-def fit(trainer: TorchTrainer):
+def fit(trainer: TorchTrainer, cfg=None):
     """Run a trainer to its end; its error (Ray returns it in the result) is raised here."""
+    if cfg is not None and cfg.cluster.worker_group_start_timeout_s:  # Train's controller reads it when it starts
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.worker_group_start_timeout_s)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -107,7 +114,8 @@ def run_config(cfg, storage: RunStorage, name: str, max_failures: int, callbacks
         storage_path=root,
         storage_filesystem=fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
-        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=max_failures,
+                                               max_preemption_failures=cfg.cluster.max_preemption_failures),
         callbacks=list(callbacks),
         # the driver prints one progress line per log interval (progress.py) instead
         logging_config=ray.train.LoggingConfig(log_level="INFO" if VERBOSE else "WARNING"),

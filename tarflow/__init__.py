@@ -2,8 +2,9 @@
 
 from .jacobi import BlockPlan, JacobiPlan, JacobiStats, jacobi_reverse, plan_jacobi
 from .likelihood import bits_per_dim, dequantize_uniform, nll_per_dim
-from .memory import FitOption, FitPlan, plan_fit, training_memory
+from .memory import FitOption, FitPlan, checkpoint_bytes, plan_fit, training_memory
 from .model import ConfigError, TarFlow, TarFlowConfig
+from .randomness import initial_model
 from .sampling import denoise, sample, sample_grid, score
 from .training import (
     CheckpointCorrupt,
@@ -22,12 +23,12 @@ from .training import (
 )
 
 __all__ = [
-    "TarFlow", "TarFlowConfig", "ConfigError",
+    "TarFlow", "TarFlowConfig", "ConfigError", "initial_model",
     "bits_per_dim", "nll_per_dim", "dequantize_uniform",
     "sample", "denoise", "score", "sample_grid",
     "jacobi_reverse", "plan_jacobi", "JacobiPlan", "BlockPlan", "JacobiStats",
     "TrainConfig", "TrainState", "flow_loss", "make_train_state", "train_step", "lr_at",
     "save_checkpoint", "load_checkpoint", "restore", "model_from_checkpoint", "CheckpointError",
     "CheckpointCorrupt", "verify_checkpoint",
-    "training_memory", "plan_fit", "FitPlan", "FitOption",
+    "training_memory", "checkpoint_bytes", "plan_fit", "FitPlan", "FitOption",
 ]

@@ -1,15 +1,15 @@
 """Image datasets for TarFlow: uint8 pixels in, float32 in [-1, 1] out.
 
-Every dataset yields (x, y): x (C, H, W) float32 = u8/127.5 - 1, so (x + 1)·127.5 rounds back to the
-exact stored byte (the likelihood in bits/dim is defined on those integers), and y an int64 class.
+Every dataset is a tarflow.images.ImageDataset: it yields (x, y), x (C, H, W) float32 = u8/127.5 - 1 (so
+to_uint8(x) is the exact stored byte, on which bits/dim is defined) and y an int64 class.
 
 Small sets (fashion_mnist, mnist, digits) and the downsampled-ImageNet npz batches are held in memory
 as one uint8 tensor, padded/resized/recoloured once at load. Folders of photos are decoded per item.
 `prepared` data (tarflow/prepared.py: any source converted once by `python -m orchestrator.prepare`)
 is read from its shard files per item, so a worker's memory does not grow with the data set.
 
-Reading order: the config, the dataset class, the pixel conversions, one loader per source, then
-load_dataset / dataset_info.
+Reading order: the config, the photo-folder dataset, whole-source conversion, one loader per source, then
+load_dataset / dataset_info. The base dataset and the pixel conversions live in tarflow/images.py.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from tarflow.model import ConfigError
+from .images import ImageDataset, decode_photo, fit_size, to_channels
+from .images import to_uint8 as to_uint8  # re-exported: the inverse of the datasets' scaling
+from .model import ConfigError
+from .prepared import PreparedDataset, check_request
 
 DATASETS = ("fashion_mnist", "mnist", "digits", "imagenet_npz", "image_folder", "prepared")
 SPLITS = ("train", "val")
@@ -45,7 +47,9 @@ class DataConfig:
     # "pad": centre on black, only grows; "resize": shorter side + centre crop. Folders always resize.
     fit: str = "pad"
     channels: int | None = None    # 1 or 3 (gray->RGB by repeat, RGB->gray by mean); None = native
-    flip: bool = True              # random horizontal flips on the train split (paper); never on val
+    # horizontal flips of the train split (never val), by (epoch, index): ImageDataset; training flips
+    # through TrainConfig.flip instead, on datasets built with flip=False
+    flip: bool = True
     limit: int | None = None       # only the first `limit` images of a split (CPU smoke runs)
 
     def __post_init__(self):
@@ -75,33 +79,7 @@ class DataConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# The dataset
-
-
-class ImageDataset(Dataset):
-    """uint8 images (in memory, or decoded by a subclass's `image`) -> (x in [-1, 1], label)."""
-
-    def __init__(self, labels: torch.Tensor, num_classes: int, channels: int, image_size: int, flip: bool,
-                 images: torch.Tensor | None = None):
-        self.images = images  # (N, C, S, S) uint8, or None when a subclass decodes per item
-        self.labels = labels  # (N,) int64
-        self.num_classes = num_classes
-        self.channels = channels
-        self.image_size = image_size
-        self.flip = flip
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def image(self, i: int) -> torch.Tensor:
-        """The stored (C, S, S) uint8 image."""
-        return self.images[i]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.image(i)
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x.float() / 127.5 - 1, self.labels[i]
+# Photos in folders
 
 
 class ImageFolderDataset(ImageDataset):
@@ -116,48 +94,8 @@ class ImageFolderDataset(ImageDataset):
         return decode_photo(self.paths[i], self.image_size, self.channels)
 
 
-def decode_photo(file, image_size: int, channels: int) -> torch.Tensor:
-    """A photo (path or binary file) as (channels, S, S) uint8: RGB, shorter side resized to S, centre-cropped.
-    Shared by image_folder and the data preparation, so prepared pixels equal these."""
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as TF
-
-    with Image.open(file) as img:
-        img = img.convert("RGB")
-    img = TF.center_crop(TF.resize(img, [image_size], antialias=True), [image_size, image_size])
-    return to_channels(TF.pil_to_tensor(img)[None], channels)[0]
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of the dataset scaling: [-1, 1] floats -> the uint8 pixels they came from."""
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 # ---------------------------------------------------------------------------------------------
-# Pixel conversions on (N, C, H, W) uint8 batches
-
-
-def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Gray -> RGB by repeating; RGB -> gray by the rounded channel mean (integer arithmetic, exact)."""
-    if x.shape[1] == channels:
-        return x
-    if channels == 3:
-        return x.expand(-1, 3, -1, -1).contiguous()
-    total = x.to(torch.int16).sum(1, keepdim=True)
-    return ((total + 1) // 3).to(torch.uint8)  # (s + 1) // 3 == round(s / 3), as s / 3 never ends in .5
-
-
-def fit_size(x: torch.Tensor, size: int, fit: str) -> torch.Tensor:
-    """Centre-pad with black, or resize the shorter side and centre-crop, to size × size."""
-    h, w = x.shape[-2:]
-    if (h, w) == (size, size):
-        return x
-    if fit == "pad":
-        top, left = (size - h) // 2, (size - w) // 2
-        return torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top))
-    from torchvision.transforms.v2 import functional as TF
-
-    return TF.center_crop(TF.resize(x, [size], antialias=True), [size, size])
+# Conversion of a whole source, in chunks
 
 
 def convert(x: torch.Tensor, cfg: DataConfig, size: int, chunk: int = 4096) -> torch.Tensor:
@@ -403,8 +341,6 @@ def load_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
     _check(cfg, split)
     flip = cfg.flip and split == "train"
     if cfg.name == "prepared":
-        from tarflow.prepared import PreparedDataset, check_request
-
         check_request(cfg)
         return PreparedDataset(cfg.root_path, split, flip=flip, limit=cfg.limit)
     if cfg.name == "image_folder":
@@ -420,23 +356,34 @@ def load_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
 
 
 def dataset_info(cfg: DataConfig) -> dict:
-    """{"channels", "image_size", "num_classes"} of the train split, reading at most one file header
-    (prepared data: its manifest)."""
+    """{"channels", "image_size", "num_classes", "train_images"} of the train split (data.limit applied), from
+    file headers, a listing of the class folders, or a prepared root's manifest: no image is read."""
     _check(cfg, "train")
     if cfg.name == "prepared":
-        from tarflow.prepared import check_request
-
-        return check_request(cfg)
-    if cfg.name == "image_folder":
+        info = check_request(cfg)
+    elif cfg.name == "image_folder":
         train_dir, _ = _folder_dirs(cfg, "train")
-        return {"channels": cfg.channels or 3, "image_size": cfg.image_size,
-                "num_classes": len(_folder_classes(train_dir))}
-    if cfg.name == "imagenet_npz":
-        channels, side, classes = 3, _npz_side(_npz_files(cfg, "train")[0]), 1000
+        info = {"channels": cfg.channels or 3, "image_size": cfg.image_size,
+                "num_classes": len(_folder_classes(train_dir)), "train_images": _count_photos(train_dir)}
     else:
-        channels, side, classes = NATIVE[cfg.name]
-    if cfg.name == "fashion_mnist":  # fail now, not after hours of setup, if the files are missing
-        path = _fashion_path(cfg.root_path, FASHION_FILES["train"][0])
-        _fashion_path(cfg.root_path, FASHION_FILES["train"][1])
-        side = _idx_header(_read_gzip(path, 16), path)[-1]
-    return {"channels": cfg.channels or channels, "image_size": output_size(cfg, side), "num_classes": classes}
+        channels, side, classes = NATIVE.get(cfg.name, (3, None, 1000))
+        if cfg.name == "imagenet_npz":
+            files = _npz_files(cfg, "train")
+            side, count = _npz_side(files[0]), sum(npy_shape(path, "data")[0][0] for path in files)
+        elif cfg.name == "fashion_mnist":  # fail now, not after hours of setup, if the files are missing
+            path = _fashion_path(cfg.root_path, FASHION_FILES["train"][0])
+            _fashion_path(cfg.root_path, FASHION_FILES["train"][1])
+            count, *_, side = _idx_header(_read_gzip(path, 16), path)
+        else:  # the small sets that ship in packages: their train splits' known sizes
+            count = {"mnist": 4500, "digits": 1500}[cfg.name]
+        info = {"channels": cfg.channels or channels, "image_size": output_size(cfg, side), "num_classes": classes,
+                "train_images": count}
+    return {**info, "train_images": min(info["train_images"], cfg.limit or info["train_images"])}
+
+
+def _count_photos(folder: Path) -> int:
+    """The photos the folder loader would list (torchvision's make_dataset: by extension, class folders walked)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sum(1 for cls in _folder_classes(folder) for _, _, files in os.walk(folder / cls, followlinks=True)
+               for name in files if name.lower().endswith(IMG_EXTENSIONS))

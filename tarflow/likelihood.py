@@ -11,11 +11,15 @@ from .model import TarFlow
 LOG_128 = math.log(128.0)  # the Jacobian of mapping integers in [0, 256) onto [−1, 1)
 
 
-def dequantize_uniform(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integer images (as uint8, or as u8/127.5 − 1 in [−1, 1]) -> (x_int + u)/128 − 1, u ~ U[0, 1)."""
+def dequantize(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Integer images (as uint8, or as u8/127.5 − 1 in [−1, 1]) and u in [0, 1) -> (x_int + u)/128 − 1, fp32."""
     x_int = x.float() if x.dtype == torch.uint8 else torch.round((x.float() + 1) * 127.5)
-    u = torch.rand(x_int.shape, generator=generator, device=x_int.device)
     return (x_int + u) / 128.0 - 1.0
+
+
+def dequantize_uniform(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """dequantize with u ~ U[0, 1)."""
+    return dequantize(x, torch.rand(x.shape, generator=generator, device=x.device))
 
 
 def nll_per_dim(model: TarFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

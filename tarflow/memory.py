@@ -224,6 +224,27 @@ def training_memory(config: TarFlowConfig, batch_size: int, precision: str = "fp
     return out
 
 
+# What torch.save adds per tensor beyond its bytes: the zip record of its storage (header, name, padding to
+# 64-byte alignment, central directory entry) and the pickled rebuild call with its key; measured on
+# tarflow.save_checkpoint files (about 300 bytes per tensor, tests/test_cost.py holds the total to ±5%)
+TENSOR_RECORD_BYTES = 300
+CHECKPOINT_HEADER_BYTES = 8 * 1024  # the configs, step and extras pickled beside the tensors
+
+
+def checkpoint_bytes(config: TarFlowConfig, ema: bool = False) -> int:
+    """Bytes of the file tarflow.save_checkpoint writes for this model once AdamW has stepped: the fp32
+    weights and the prior buffer, AdamW's two fp32 moments and step count per parameter, an EMA copy of the
+    weights and buffer (when ema), and torch.save's per-tensor records. Independent of the batch and the
+    precision (autocast keeps fp32 weights and moments)."""
+    shapes = _shapes(config)
+    state = _state_bytes(shapes)
+    weights = state["params"]  # parameters and the prior buffer, as the state_dict holds them
+    num_params = shapes.repeated(len(list(shapes.block.parameters())), len(list(shapes.layer.parameters())))
+    tensors = (num_params + 1) * (2 if ema else 1) + 3 * num_params  # state_dicts; exp_avg, exp_avg_sq, step
+    return (weights * (2 if ema else 1) + state["optimizer"] + tensors * TENSOR_RECORD_BYTES
+            + CHECKPOINT_HEADER_BYTES)
+
+
 def recompute_flops_per_image(config: TarFlowConfig) -> float:
     """FLOPs activation checkpointing adds per training image: one more forward of every transformer
     layer (the projections outside the layers are not recomputed). Forward FLOPs grow linearly in the
@@ -303,69 +324,22 @@ def plan_fit(config: TarFlowConfig, per_gpu_batch: int, gpu_memory_bytes: int, p
         raise ConfigError(f"need num_workers >= 1 and per_gpu_batch >= 1, got {num_workers}, {per_gpu_batch}")
     if not 0 < headroom <= 1:
         raise ConfigError(f"headroom must lie in (0, 1], got {headroom}")
-    budget = int(headroom * gpu_memory_bytes)
-    global_batch = per_gpu_batch * num_workers
-    train_flops = config.flops_per_image(training=True)
-    recompute_share = recompute_flops_per_image(config) / train_flops
-
-    def memory(ckpt, k, workers, prec):
-        return training_memory(config, global_batch // workers, prec, ckpt, ema, k, ddp=workers > 1,
-                               attention_kernel=attention_kernel)
-
-    def need(mem):
-        return mem["total"] + CUDA_OVERHEAD_BYTES
-
-    current = memory(activation_checkpointing, grad_accum_steps, num_workers, precision)
-    plan = FitPlan(fits=need(current) <= budget, per_gpu_bytes=need(current), budget_bytes=budget, memory=current)
+    search = _FitSearch(config, per_gpu_batch * num_workers, num_workers, grad_accum_steps, activation_checkpointing,
+                        precision, ema, attention_kernel, int(headroom * gpu_memory_bytes))
+    current = search.memory(activation_checkpointing, grad_accum_steps, num_workers, precision)
+    plan = FitPlan(fits=search.need(current) <= search.budget, per_gpu_bytes=search.need(current),
+                   budget_bytes=search.budget, memory=current)
     if plan.fits:
         return plan
-
     knobs = ["grad_accum_steps"]
     if not activation_checkpointing:
         knobs.append("activation_checkpointing")
     knobs.append("num_workers")
     if precision == "fp32":
         knobs.append("bf16")
-
-    def cheapest(changed: tuple[str, ...]) -> FitOption | None:
-        ckpt = activation_checkpointing or "activation_checkpointing" in changed
-        prec = "bf16" if "bf16" in changed else precision
-        worker_choices = ([w for w in range(num_workers + 1, global_batch + 1) if global_batch % w == 0]
-                          if "num_workers" in changed else [num_workers])
-        for workers in worker_choices:  # fewest GPUs first, then fewest accumulation steps
-            batch = global_batch // workers
-            ks = ([k for k in _divisors(batch) if k > grad_accum_steps] if "grad_accum_steps" in changed
-                  else [grad_accum_steps] if batch % grad_accum_steps == 0 else [])
-            for k in ks:
-                mem = memory(ckpt, k, workers, prec)
-                if need(mem) <= budget:
-                    return _option(changed, ckpt, k, workers, prec, batch, mem)
-        return None
-
-    def _option(changed, ckpt, k, workers, prec, batch, mem):
-        overrides, words = {}, []
-        if "grad_accum_steps" in changed:
-            overrides["train.grad_accum_steps"] = k
-            words.append(f"gradient accumulation over {k} micro-batches of {batch // k}")
-        if "activation_checkpointing" in changed:
-            overrides["train.activation_checkpointing"] = True
-            words.append(f"activation checkpointing (+{recompute_share:.0%} training FLOPs)")
-        if "num_workers" in changed:
-            overrides["cluster.num_workers"] = workers
-            words.append(f"{workers} GPUs instead of {num_workers} ({batch} images per GPU, global batch "
-                         f"{global_batch} unchanged)")
-        if "bf16" in changed:
-            overrides["train.precision"] = "bf16"
-            words.append("bf16 autocast instead of fp32 (changes the numerics)")
-        return FitOption(overrides=overrides, per_gpu_bytes=need(mem),
-                         extra_compute=recompute_share if "activation_checkpointing" in changed else 0.0,
-                         num_workers=workers, changes_numerics="bf16" in changed,
-                         description=f"{' + '.join(words)}: {need(mem) / GiB:.1f} GiB per GPU of "
-                                     f"{budget / GiB:.1f} usable")
-
     options = []
-    for size in range(1, len(knobs) + 1):
-        options = [o for changed in itertools.combinations(knobs, size) if (o := cheapest(changed))]
+    for size in range(1, len(knobs) + 1):  # single changes first, combinations only when none fits
+        options = [o for changed in itertools.combinations(knobs, size) if (o := search.cheapest(changed))]
         if options:
             break
     options.sort(key=lambda o: (o.changes_numerics, o.num_workers, o.extra_compute,
@@ -373,5 +347,73 @@ def plan_fit(config: TarFlowConfig, per_gpu_batch: int, gpu_memory_bytes: int, p
     return dataclasses.replace(plan, options=options)
 
 
-__all__ = ["CUDA_OVERHEAD_BYTES", "GPU_MEMORY", "FitOption", "FitPlan", "plan_fit", "recompute_flops_per_image",
-           "training_memory"]
+@dataclass(frozen=True)
+class _FitSearch:
+    """plan_fit's configuration, and the search for the cheapest setting of a set of changed knobs."""
+
+    config: TarFlowConfig
+    global_batch: int
+    num_workers: int
+    grad_accum_steps: int
+    activation_checkpointing: bool
+    precision: str
+    ema: bool
+    attention_kernel: str
+    budget: int
+
+    def memory(self, ckpt: bool, k: int, workers: int, precision: str) -> dict:
+        return training_memory(self.config, self.global_batch // workers, precision, ckpt, self.ema, k,
+                               ddp=workers > 1, attention_kernel=self.attention_kernel)
+
+    @staticmethod
+    def need(memory: dict) -> int:
+        return memory["total"] + CUDA_OVERHEAD_BYTES
+
+    @functools.cached_property
+    def recompute_share(self) -> float:
+        return recompute_flops_per_image(self.config) / self.config.flops_per_image(training=True)
+
+    def cheapest(self, changed: tuple[str, ...]) -> FitOption | None:
+        """The smallest setting of the changed knobs that fits: fewest GPUs first, then fewest
+        accumulation steps; None when none does."""
+        ckpt = self.activation_checkpointing or "activation_checkpointing" in changed
+        precision = "bf16" if "bf16" in changed else self.precision
+        worker_choices = ([w for w in range(self.num_workers + 1, self.global_batch + 1) if self.global_batch % w == 0]
+                          if "num_workers" in changed else [self.num_workers])
+        for workers in worker_choices:
+            batch = self.global_batch // workers
+            ks = ([k for k in _divisors(batch) if k > self.grad_accum_steps] if "grad_accum_steps" in changed
+                  else [self.grad_accum_steps] if batch % self.grad_accum_steps == 0 else [])
+            for k in ks:
+                memory = self.memory(ckpt, k, workers, precision)
+                if self.need(memory) <= self.budget:
+                    return self.option(changed, k, workers, memory)
+        return None
+
+    def option(self, changed: tuple[str, ...], k: int, workers: int, memory: dict) -> FitOption:
+        """The FitOption of a setting that fits: its overrides and a one-line description."""
+        batch = self.global_batch // workers
+        overrides, words = {}, []
+        if "grad_accum_steps" in changed:
+            overrides["train.grad_accum_steps"] = k
+            words.append(f"gradient accumulation over {k} micro-batches of {batch // k}")
+        if "activation_checkpointing" in changed:
+            overrides["train.activation_checkpointing"] = True
+            words.append(f"activation checkpointing (+{self.recompute_share:.0%} training FLOPs)")
+        if "num_workers" in changed:
+            overrides["cluster.num_workers"] = workers
+            words.append(f"{workers} GPUs instead of {self.num_workers} ({batch} images per GPU, global batch "
+                         f"{self.global_batch} unchanged)")
+        if "bf16" in changed:
+            overrides["train.precision"] = "bf16"
+            words.append("bf16 autocast instead of fp32 (changes the numerics)")
+        need = self.need(memory)
+        return FitOption(overrides=overrides, per_gpu_bytes=need,
+                         extra_compute=self.recompute_share if "activation_checkpointing" in changed else 0.0,
+                         num_workers=workers, changes_numerics="bf16" in changed,
+                         description=f"{' + '.join(words)}: {need / GiB:.1f} GiB per GPU of "
+                                     f"{self.budget / GiB:.1f} usable")
+
+
+__all__ = ["CUDA_OVERHEAD_BYTES", "GPU_MEMORY", "FitOption", "FitPlan", "checkpoint_bytes", "plan_fit",
+           "recompute_flops_per_image", "training_memory"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,8 +53,14 @@ class TransformerLayer(nn.Module):
         # (B, T, 3·Ch) -> three (B, H, T, 64); q, k, v are contiguous thirds of the qkv output
         # unbind, not qkv[0], qkv[1], qkv[2]: its backward is one stack, where three selects would
         # each write their gradient into a zeroed copy of the whole qkv tensor
-        B, T, _ = h.shape
-        q, k, v = self.qkv(h).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        B, T, Ch = h.shape
+        b = self.qkv.bias
+        # the key bias adds q·b to every logit of a query's row, which softmax ignores: its gradient is zero in exact
+        # arithmetic, and Adam would turn the rounding noise of that zero into lr-sized steps that differ with the
+        # world size, the batch split and the hardware. Detached, it gets an exact zero (weight decay still acts).
+        bias = torch.cat([b[:Ch], b[Ch : 2 * Ch].detach(), b[2 * Ch :]])
+        q, k, v = F.linear(h, self.qkv.weight, bias).view(B, T, 3, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -416,10 +423,17 @@ class TarFlow(nn.Module):
         return self.prior_log_prob(z) + logdet
 
     @torch.no_grad()
-    def update_prior(self, z: torch.Tensor, rate: float = 0.1) -> None:
-        """VP variant only: running estimate of the prior variance from a batch of z."""
-        if not self.config.nvp:
-            self.prior_var.lerp_(self.patchify(z.float()).pow(2).mean(0).to(self.prior_var.dtype), rate)
+    def update_prior(self, z: torch.Tensor, rate: float = 0.1,
+                     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """VP variant only: running estimate of the prior variance, lerped towards the per-token second moment
+        of a batch of z. all_reduce_mean (under DDP) averages that moment over the ranks first, as the
+        reference does, so every rank holds the same prior (equal batches per rank)."""
+        if self.config.nvp:
+            return
+        second_moment = self.patchify(at_least_fp32(z)).pow(2).mean(0)
+        if all_reduce_mean is not None:
+            second_moment = all_reduce_mean(second_moment)
+        self.prior_var.lerp_(second_moment.to(self.prior_var.dtype), rate)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each transformer layer in the backward pass instead of keeping its activations

@@ -21,7 +21,8 @@ memory (USS) grows with every page it maps, and the kernel maps pages around eac
 random reads, 0.49 GB, of a 3.7 GB set); with pread() it stays flat, and a read is faster.
 
 Pure numpy/torch: no Ray, boto3 or pyarrow here. Reading order: layout and format helpers, the manifest,
-verification, the dataset, config checks, FID statistics.
+verification, the dataset, config checks. The FID statistics stored here are read by
+tarflow.fid.prepared_fid_statistics.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ImageDataset
+from .images import ImageDataset
 from .model import ConfigError
 
 FORMAT = "tarflow-prepared"
@@ -110,7 +111,8 @@ def make_manifest(*, image_shape, classes: list[str], splits: dict, files: dict,
 
 
 def check_manifest(manifest, where: str) -> dict:
-    """The manifest if it is one this code can read; otherwise a ConfigError naming `where`."""
+    """The manifest if it is one this code can read, every file it names inside the root; otherwise a
+    ConfigError naming `where`."""
     def fail(why: str):
         raise ConfigError(f"{where}: {MANIFEST} is not a valid prepared-data manifest ({why})")
 
@@ -138,14 +140,25 @@ def check_manifest(manifest, where: str) -> dict:
                     fail(f"shard {shard['images']} has count {shard['count']!r}")
             if split["count"] != sum(sh["count"] for sh in split["shards"]):
                 fail(f"{name} count {split['count']} is not the sum of its shards")
-        for rel, rec in files.items():
+        for rel, rec in files.items():  # shards and fid_stats name files among these: each is checked here
+            if not _inside_root(rel):
+                fail(f"{rel!r} is not a plain relative path inside the root")
             if not isinstance(rec.get("bytes"), int) or len(str(rec.get("sha256", ""))) != 64:
                 fail(f"file record of {rel}: {rec}")
         if manifest.get("fid_stats") and manifest["fid_stats"]["file"] not in files:
             fail("its fid_stats file is not among its files")
+    except ConfigError:  # fail()'s own (a ValueError): not wrapped a second time
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         fail(f"{type(e).__name__}: {e}")
     return manifest
+
+
+def _inside_root(rel) -> bool:
+    """Whether a manifest's file name is one every node may join to the root (or its cache) as it is: relative,
+    POSIX, normalised, no '..' (a manifest comes from storage: it must not make a node read or write elsewhere)."""
+    return (isinstance(rel, str) and not rel.startswith("/") and "\\" not in rel and "\0" not in rel
+            and all(part not in ("", ".", "..") for part in rel.split("/")))
 
 
 def parse_manifest(data: bytes, where: str) -> dict:
@@ -193,8 +206,8 @@ def verify(root: str | os.PathLike, checksums: bool = True) -> dict:
 
 
 class PreparedDataset(ImageDataset):
-    """The `split` of a prepared root: (x in [-1, 1] float32, label), random flips on train only, exactly as
-    the direct loaders. Labels are held (8 bytes an image); images are read from the shard files per item.
+    """The `split` of a prepared root: (x in [-1, 1] float32, label), flips (ImageDataset) as the direct
+    loaders have them. Labels are held (8 bytes an image); images are read from the shard files per item.
 
     limit: only the first `limit` images. Pickles without its open files (reopened on first use).
     """
@@ -287,24 +300,5 @@ def check_request(cfg, manifest: dict | None = None) -> dict:
             raise ConfigError(f"prepared: {cfg.root} holds images with {key}={have}, the config asks for {want}; "
                               f"set data.{key}={have} or prepare the source again with --{key.replace('_', '-')} "
                               f"{want} into another destination")
-    return {"channels": channels, "image_size": size, "num_classes": len(manifest["classes"])}
-
-
-# ---------------------------------------------------------------------------------------------
-# FID reference statistics
-
-
-def prepared_fid_statistics(local_root: str | os.PathLike):
-    """The FIDStatistics of the train split (all of it, with flips) stored with prepared data, or None when
-    there are none or they were made under another FID protocol (tarflow.fid.FID_PROTOCOL)."""
-    from .fid import FID_PROTOCOL, FIDStatistics
-
-    root = Path(local_root)
-    manifest = load_manifest(root)
-    record = manifest.get("fid_stats")
-    if not record or record.get("protocol") != FID_PROTOCOL:
-        return None
-    path, expected = root / record["file"], manifest["files"][record["file"]]
-    if not path.is_file() or sha256_file(path) != expected["sha256"]:
-        raise ConfigError(f"prepared data {root}: {record['file']} is missing or differs from the manifest")
-    return FIDStatistics.load(path)
+    return {"channels": channels, "image_size": size, "num_classes": len(manifest["classes"]),
+            "train_images": sum(shard["count"] for shard in manifest["splits"]["train"]["shards"])}

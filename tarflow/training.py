@@ -1,8 +1,11 @@
-"""Training math, independent of any launcher: loss, noise, label drop, AdamW with warm-up + cosine,
+"""Training math, independent of any launcher: loss, flips, noise, label drop, AdamW with warm-up + cosine,
 bf16, EMA, gradient clipping, gradient accumulation, activation checkpointing, and checkpoints that
 load with torch.load(weights_only=True).
 
-Any loop (a plain script, the orchestrator's Ray worker) builds a TrainState and calls train_step.
+Any loop (a plain script, the orchestrator's Ray worker) builds a TrainState and calls train_step. Its
+random draws are keyed by (TrainConfig.seed, step, position in the global batch) (tarflow/randomness.py),
+so they need no RNG state and do not depend on the number of ranks; build the model with
+tarflow.initial_model(config, seed) for initial weights that depend on the seed alone.
 """
 
 from __future__ import annotations
@@ -12,15 +15,17 @@ import copy
 import hashlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from .likelihood import dequantize_uniform
+from .likelihood import dequantize
 from .model import ConfigError, TarFlow, TarFlowConfig, at_least_fp32
+from .randomness import sample_draws
 
 
 @dataclass
@@ -40,9 +45,19 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False  # recompute each transformer layer in backward (see tarflow.memory)
     grad_accum_steps: int = 1   # micro-batches per optimizer step; the batch given to train_step is split
+    # TF32 matmuls for fp32 work on CUDA (10-bit mantissa inputs, fp32 sums): ~8x the fp32 peak of an A100 or
+    # H100, other numerics. make_train_state sets it for the whole process when the model is on CUDA; the
+    # authors' code leaves it off (PyTorch's default)
+    tf32: bool = False
+    seed: int = 0               # keys every draw of training (tarflow/randomness.py)
+    flip: bool = False          # random horizontal flips (the paper's); the datasets then should not flip
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if not isinstance(self.flip, bool):
+            raise ConfigError(f"TrainConfig.flip must be true or false, got {self.flip!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.activation_checkpointing, bool):
             raise ConfigError(f"TrainConfig.activation_checkpointing must be true or false, "
                               f"got {self.activation_checkpointing!r}")
@@ -70,20 +85,54 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(t, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
-def augment(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x in [−1, 1] from integer pixels -> the model's continuous input."""
+def augment(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None = None,
+            noise: torch.Tensor | None = None) -> torch.Tensor:
+    """x in [−1, 1] from integer pixels -> the model's continuous input. noise: x-shaped draws, standard
+    normal (cfg.noise "gaussian") or U[0, 1) ("uniform"); drawn here from generator when not given."""
     if cfg.noise == "uniform":
-        return dequantize_uniform(x, generator)
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x + cfg.noise_std * eps
+        u = noise if noise is not None else torch.rand(x.shape, generator=generator, device=x.device)
+        return dequantize(x, u)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + cfg.noise_std * noise
 
 
-def drop_labels(y: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each label by −1 ("no class") with probability p, for classifier-free guidance."""
+def drop_labels(y: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                u: torch.Tensor | None = None) -> torch.Tensor:
+    """Replace each label by −1 ("no class") with probability p, for classifier-free guidance. u: one U[0, 1)
+    draw per label (the label is dropped when u < p); drawn here from generator when not given."""
     if p <= 0:
         return y
-    drop = torch.rand(y.shape, generator=generator, device=y.device) < p
-    return torch.where(drop, torch.full_like(y, -1), y)
+    if u is None:
+        u = torch.rand(y.shape, generator=generator, device=y.device)
+    return torch.where(u < p, torch.full_like(y, -1), y)
+
+
+def training_inputs(x: torch.Tensor, y: torch.Tensor | None, cfg: TrainConfig, step: int,
+                    positions: torch.Tensor | Sequence[int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the model trains on at optimizer step `step`: every sample flipped (cfg.flip), noised and its label
+    dropped with its own draws, keyed by (cfg.seed, step, its position in the global batch).
+
+    positions: the samples' positions in this step's global batch (default 0..B−1, one process holding
+    the whole batch; required when a process group of several ranks is up); a CPU LongTensor or ints.
+    """
+    if positions is None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConfigError(f"train_step under {dist.get_world_size()} ranks needs positions (else every rank "
+                              "draws the same noise): e.g. rank + world_size * arange(per-rank batch) for "
+                              "DistributedSampler's layout")
+        positions = range(len(x))
+    if len(positions) != len(x):
+        raise ConfigError(f"train_step got {len(x)} images but {len(positions)} positions")
+    positions = positions.tolist() if torch.is_tensor(positions) else positions
+    draws = sample_draws(cfg.seed, step, positions, tuple(x.shape[1:]), cfg.noise, x.dtype, x.device)
+    if cfg.flip:
+        x = torch.where(draws.flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+    x = augment(x, cfg, noise=draws.noise)
+    if y is not None:
+        y = drop_labels(y, cfg.label_drop, u=draws.drop)
+    return x, y
 
 
 def flow_loss(z: torch.Tensor, logdet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,19 +161,24 @@ class TrainState:
     ema: TarFlow | None = None
     step: int = 0
     extra: dict = field(default_factory=dict)
+    # Under DDP: averages a tensor over the ranks (all-reduce / world size), for the VP prior's statistic
+    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def make_train_state(model: TarFlow, cfg: TrainConfig, wrap: Callable[[nn.Module], nn.Module] | None = None
-                     ) -> TrainState:
-    """wrap: e.g. DistributedDataParallel; applied before torch.compile."""
+def make_train_state(model: TarFlow, cfg: TrainConfig, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrainState:
+    """wrap: e.g. DistributedDataParallel; applied before torch.compile. all_reduce_mean: see TrainState."""
     model.set_activation_checkpointing(cfg.activation_checkpointing)
+    if any(p.is_cuda for p in model.parameters()):
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     net = wrap(model) if wrap else model
     if cfg.compile:
         net = torch.compile(net)
     ema = None
     if cfg.ema_decay:
         ema = copy.deepcopy(model).requires_grad_(False)
-    return TrainState(model=model, optimizer=make_optimizer(model, cfg), config=cfg, net=net, ema=ema)
+    return TrainState(model=model, optimizer=make_optimizer(model, cfg), config=cfg, net=net, ema=ema,
+                      all_reduce_mean=all_reduce_mean)
 
 
 def no_sync(net: nn.Module) -> contextlib.AbstractContextManager:
@@ -134,57 +188,72 @@ def no_sync(net: nn.Module) -> contextlib.AbstractContextManager:
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> dict[str, float]:
-    """One optimisation step on a batch of images in [−1, 1] (integer-valued pixels). Returns metrics.
+               positions: torch.Tensor | Sequence[int] | None = None, loss_weight: float = 1.0) -> dict[str, float]:
+    """One optimisation step on this rank's batch of images in [−1, 1] (integer-valued pixels). Returns metrics.
 
-    x is this rank's whole batch of one optimizer step. With cfg.grad_accum_steps = k it runs as k
-    equal micro-batches: noise and label drop are drawn for the whole batch first (the same random
-    numbers as without accumulation), each micro-batch's loss is scaled by 1/k so the summed
-    gradients are the full batch's mean, DDP all-reduces only on the last one (no_sync before), and
-    then one optimizer step and one schedule step follow. state.step counts optimizer steps, and a
-    checkpoint is only ever taken between calls, so never in the middle of an accumulation.
-    The VP prior update sees the whole batch's z, as without accumulation.
+    positions: the images' positions in this step's global batch, which key their flips, noise and label
+    drops (training_inputs); default 0..B−1, for a single process holding the whole batch.
+    loss_weight: this rank's share of the global batch times the world size (n·W/B): DDP averages the ranks'
+    gradients, so ranks holding unequal shares (a world size that does not divide the batch) are weighted to
+    the global batch's mean; 1 when the shares are equal.
+    With cfg.grad_accum_steps = k the batch runs as k micro-batches (equal when k divides it), each loss
+    weighted by its share so the summed gradients are the batch mean; DDP all-reduces only on the last one
+    (no_sync before); then one optimizer step. state.step counts optimizer steps, and a checkpoint is only
+    ever taken between calls.
+    The VP prior is updated from the z of the whole rank batch, averaged over the ranks by
+    state.all_reduce_mean when given, so every rank holds the same prior whatever the world size.
     """
     cfg, model = state.config, state.model
-    k = cfg.grad_accum_steps
-    if x.shape[0] % k:
-        raise ConfigError(f"batch of {x.shape[0]} images is not divisible by grad_accum_steps={k}: choose a "
-                          f"per-worker batch that is a multiple of {k}")
     lr = lr_at(state.step, cfg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    x = augment(x, cfg, generator)
-    if model.config.num_classes and y is not None:
-        y = drop_labels(y, cfg.label_drop, generator)
-    else:
-        y = None
+    conditional = bool(model.config.num_classes) and y is not None
+    x, y = training_inputs(x, y if conditional else None, cfg, state.step, positions)
     state.optimizer.zero_grad(set_to_none=True)
-    micro = x.shape[0] // k
-    terms, zs = [], []
-    for i in range(k):
-        part = slice(i * micro, (i + 1) * micro)
-        with no_sync(state.net) if i < k - 1 else contextlib.nullcontext():
-            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                z, logdet = state.net(x[part], None if y is None else y[part])
-            loss, prior_term, logdet_per_dim = flow_loss(z, logdet)
-            (loss / k).backward()
-        terms.append(torch.stack([loss.detach(), prior_term.detach(), logdet_per_dim.detach()]))
-        zs.append(z.detach())
+    terms, z = _backward(state, x, y, loss_weight)
     if cfg.grad_clip:
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     else:  # the norm alone, for the logs: clipping at infinity would still rescale every gradient by 1
         grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     state.optimizer.step()
-    model.update_prior(torch.cat(zs) if k > 1 else zs[0])
+    model.update_prior(z, all_reduce_mean=state.all_reduce_mean)
     if state.ema is not None:
-        with torch.no_grad():
-            torch._foreach_lerp_(list(state.ema.parameters()), list(model.parameters()), 1 - cfg.ema_decay)
+        update_ema(state.ema, model, cfg.ema_decay)
     state.step += 1
     # one device sync for all the numbers, not one per number
-    terms = torch.stack(terms).mean(0)  # equal micro-batches: the mean of their means is the batch mean
     numbers = torch.cat([terms, grad_norm.detach().to(terms.dtype).view(1)])
     loss, prior_term, logdet_per_dim, grad_norm = numbers.tolist()
     return {"loss": loss, "prior_term": prior_term, "logdet_per_dim": logdet_per_dim, "lr": lr, "grad_norm": grad_norm}
+
+
+def _backward(state: TrainState, x: torch.Tensor, y: torch.Tensor | None, loss_weight: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of loss_weight × the batch's mean loss, micro-batch by micro-batch (as equal as the batch
+    allows; each weighted by its share of the batch). Returns the batch's (loss, prior term, logdet per dim)
+    and its z."""
+    cfg, k, n = state.config, state.config.grad_accum_steps, x.shape[0]
+    sizes = [size for i in range(k) if (size := n // k + (i < n % k))]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    terms, zs = 0.0, []
+    for i, (start, size) in enumerate(zip(starts, sizes)):
+        share, part = size / n, slice(start, start + size)
+        with no_sync(state.net) if i < len(sizes) - 1 else contextlib.nullcontext():
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                z, logdet = state.net(x[part], None if y is None else y[part])
+            loss, prior_term, logdet_per_dim = flow_loss(z, logdet)
+            (loss * (share * loss_weight)).backward()
+        terms = terms + share * torch.stack([loss.detach(), prior_term.detach(), logdet_per_dim.detach()])
+        zs.append(z.detach())
+    return terms, torch.cat(zs) if len(zs) > 1 else zs[0]
+
+
+@torch.no_grad()
+def update_ema(ema: TarFlow, model: TarFlow, decay: float) -> None:
+    """Parameters: ema ← decay·ema + (1 − decay)·model. Buffers (the VP prior variance, itself a running
+    estimate) are copied, so the EMA model samples and scores with the prior it was trained with."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    for mine, theirs in zip(ema.buffers(), model.buffers()):
+        mine.copy_(theirs)
 
 
 # ---------------------------------------------------------------------------------------------

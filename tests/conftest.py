@@ -162,20 +162,37 @@ def local_ray(s3_server):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server):
+def ray_cluster_nodes(s3_server):
     """A real multi-node Ray cluster on this machine: a head with no CPUs and two 1-CPU nodes, so the
-    two training workers of a run land on different nodes. Yields its address for `cluster.address=`.
-    Module-scoped: idle, its processes would take CPU from every test after the module's.
+    two training workers of a run land on different nodes. Yields the ray.cluster_utils.Cluster (tests of node
+    loss remove and add nodes on it). Module-scoped: idle, its processes would take CPU from every test after
+    the module's.
 
-    Started after the S3 server so that its nodes carry the S3 credentials in their environment, as
-    the nodes of a real cluster do (credentials never travel in a job's config)."""
+    Started after the S3 server so that its nodes carry the S3 credentials in their environment, as the nodes
+    of a real cluster do (credentials never travel in a job's config). Its address is pinned in RAY_ADDRESS and
+    its head serves a dashboard of its own, so that Ray Train's helpers on it (the placement-group cleaner asks
+    the state API whether a run's controller lives) never ask another Ray instance of this machine."""
+    from devservers import free_port
+    from ray._private.services import get_node_ip_address
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1, object_store_memory=100_000_000)
-        cluster.wait_for_nodes()
-        yield cluster.address
-    finally:
-        cluster.shutdown()
+    gcs_port = free_port()
+    dashboard_port = next(p for p in iter(free_port, None) if p != gcs_port)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ADDRESS", f"{get_node_ip_address()}:{gcs_port}")
+        mp.delenv("RAY_GCS_SERVER_PORT", raising=False)
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port, "gcs_server_port": gcs_port})
+        try:
+            for _ in range(2):
+                cluster.add_node(num_cpus=1, object_store_memory=100_000_000)
+            cluster.wait_for_nodes()
+            yield cluster
+        finally:
+            cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_cluster_nodes):
+    """The multi-node cluster's address, for `cluster.address=`."""
+    return ray_cluster_nodes.address

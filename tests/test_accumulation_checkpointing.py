@@ -27,12 +27,11 @@ def batch(n: int = 8, seed: int = 0, dtype=torch.float32):
 
 
 def run(model: TarFlow, steps: int = 1, wrap=None, **train_kw):
-    """Train a copy of model for a few steps (label drop on); return (state, metrics, last gradients)."""
+    """Train a copy of model for a few steps (flips and label drop on); return (state, metrics, last gradients)."""
     dtype = next(model.parameters()).dtype
     state = make_train_state(copy.deepcopy(model), TrainConfig(lr=1e-3, total_steps=10, warmup_steps=1,
-                                                               label_drop=0.3, **train_kw), wrap=wrap)
-    metrics = [train_step(state, *batch(seed=i, dtype=dtype), generator=torch.Generator().manual_seed(100 + i))
-               for i in range(steps)]
+                                                               label_drop=0.3, flip=True, **train_kw), wrap=wrap)
+    metrics = [train_step(state, *batch(seed=i, dtype=dtype)) for i in range(steps)]
     grads = [p.grad.clone() for p in state.model.parameters()]
     return state, metrics, grads
 
@@ -91,10 +90,16 @@ def test_checkpointing_only_while_training_with_grad():
     assert state.model is model
 
 
-def test_batch_not_divisible_by_accumulation_is_refused():
-    state = make_train_state(make_model(), TrainConfig(grad_accum_steps=3))
-    with pytest.raises(tarflow.ConfigError, match="not divisible by grad_accum_steps=3"):
-        train_step(state, *batch(8))
+def test_a_batch_accumulation_does_not_divide_runs_as_unequal_micro_batches_with_the_same_step():
+    """8 images in 3 micro-batches (3, 3, 2), each weighted by its share: the batch's mean gradient, as a world
+    size that does not divide the global batch leaves a rank with such a share."""
+    plain, split = make_train_state(make_model(), TrainConfig()), make_train_state(make_model(), TrainConfig(
+        grad_accum_steps=3))
+    x, y = batch(8)
+    a, b = train_step(plain, x, y), train_step(split, x, y)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for (name, p), q in zip(plain.model.named_parameters(), split.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -150,35 +155,54 @@ def test_no_sync_reaches_ddp_through_torch_compile(gloo_group):
         pass
 
 
+DDP_TRAIN = dict(lr=1e-3, total_steps=10, flip=True, label_drop=0.3, seed=3)
+
+
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
 def _ddp_rank(rank: int, world: int, rendezvous: str, out: str) -> None:
-    """One of two real DDP ranks: its half of the batch, as two micro-batches, one optimizer step."""
+    """One of two real DDP ranks of a VP model: positions rank, rank + 2, ... of each global batch of 8
+    (DistributedSampler's layout), as two micro-batches; two optimizer steps; the prior averaged over ranks."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        state = make_train_state(make_model(), TrainConfig(lr=1e-3, total_steps=10, noise_std=0.0, label_drop=0.0,
-                                                           grad_accum_steps=2), wrap=DDP)
-        x, y = batch(8)
-        half = slice(rank * 4, rank * 4 + 4)
-        train_step(state, x[half], y[half])
-        if rank == 0:
-            torch.save({"weights": state.model.state_dict(),
-                        "grads": [p.grad for p in state.model.parameters()]}, out)
+        state = make_train_state(make_model(nvp=False), TrainConfig(**DDP_TRAIN, grad_accum_steps=2), wrap=DDP,
+                                 all_reduce_mean=_all_reduce_mean)
+        try:  # without positions every rank would draw the same noise
+            train_step(state, *batch(4))
+            refused = False
+        except tarflow.ConfigError:
+            refused = True
+        for i in range(2):
+            x, y = batch(8, seed=i)
+            train_step(state, x[rank::world], y[rank::world], positions=range(rank, 8, world))
+        torch.save({"weights": state.model.state_dict(), "grads": [p.grad for p in state.model.parameters()],
+                    "refused": refused}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned processes: ~10 s on an idle 2-core machine, much more on a busy one
 def test_two_ddp_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_path):
-    """Two gloo processes × (2 micro-batches of 2) == one process, batch 8 (noise and label drop off, so
-    the two runs see the same inputs)."""
-    out = tmp_path / "rank0.pt"
+    """Two gloo processes × (2 micro-batches of 2) == one process, batch 8, with flips, noise and label drop
+    on (keyed by position, so both runs draw the same) and the VP prior averaged over the ranks."""
+    out = tmp_path / "rank"
     torch.multiprocessing.spawn(_ddp_rank, args=(2, str(tmp_path / "rendezvous"), str(out)), nprocs=2)
-    state = make_train_state(make_model(), TrainConfig(lr=1e-3, total_steps=10, noise_std=0.0, label_drop=0.0))
-    train_step(state, *batch(8))
-    ddp = torch.load(out, weights_only=True)
-    for g, p in zip(ddp["grads"], state.model.parameters()):
+    state = make_train_state(make_model(nvp=False), TrainConfig(**DDP_TRAIN))
+    for i in range(2):
+        train_step(state, *batch(8, seed=i))
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    for g, p in zip(ranks[0]["grads"], state.model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)
     # Adam's first step moves a weight by about lr·g/(|g| + eps): where |g| is near eps, rounding-level
     # differences of the gradient (another summation order) show, here at up to ~1e-3·lr (atol: 1% of lr)
-    for key, value in ddp["weights"].items():
-        torch.testing.assert_close(value, state.model.state_dict()[key], rtol=1e-5, atol=1e-5)
+    for ddp in ranks:
+        for key, value in ddp["weights"].items():
+            torch.testing.assert_close(value, state.model.state_dict()[key], rtol=1e-5, atol=1e-5)
+    assert torch.equal(ranks[0]["weights"]["prior_var"], ranks[1]["weights"]["prior_var"])
+    assert ranks[0]["refused"] and ranks[1]["refused"]
+    assert not torch.equal(state.model.prior_var, torch.ones_like(state.model.prior_var))

@@ -30,6 +30,8 @@ def test_bench_gpu_runs_on_cpu(capsys):
     assert train.knobs == "accum2+ckpt" and train.images_per_s > 0 and 0 < train.mfu < train.hfu
     assert "flash_attention_for_cpu" in rows[0].knobs
     assert "summary" in out and "knobs accum2+ckpt" in out
+    # the closing block: each training run's rate as the cost model's override, with the precision it holds for
+    assert f"fp32, 4/GPU, knobs accum2+ckpt: cluster.images_per_sec_per_gpu={train.images_per_s:.4g}" in out
 
 
 @pytest.mark.slow

