@@ -84,7 +84,7 @@ class RunLease:
         self.ttl, self.interval, self.clock, self.sleep = ttl, interval, clock, sleep
         self.owner = uuid.uuid4().hex
         self.beat = 0
-        self.confirmed: float | None = None  # monotonic time the last renewal found ours started
+        self.confirmed: float | None = None  # monotonic start of the last renewal that found the lease ours
         self.lost: str | None = None         # who holds the run now, once this launch lost it
         self._watchers: tuple = ()
         self._stop = threading.Event()
