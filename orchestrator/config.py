@@ -7,6 +7,7 @@ What a config means for a run (model, data, identity) is orchestrator/plan.py.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ExperimentError
 from .schema import ExperimentConfig
+from .storage import STORAGE_KEYS, check_uri, local_path
 
 CONF_SEARCHPATH = "pkg://orchestrator.conf"
 
@@ -279,6 +281,7 @@ VALUE_RULES = {
     "storage.uri": Text(),
     "storage.endpoint_url": Text(optional=True, schemes=("http", "https")),
     "storage.keep_checkpoints": POSITIVE_INT,
+    "storage.retry_seconds": Range(lo=0, hi=3600),
     "storage.write_mb_per_s": Range(lo=0, lo_open=True, optional=True),
     "storage.local_write_mb_per_s": Range(lo=0, lo_open=True, optional=True),
     "tracking.uri": Text(optional=True),
@@ -323,11 +326,13 @@ FREE_FORM = {"experiment.title", "train.betas", "sweep.train_axes", "sweep.sampl
 
 
 def check_values(cfg: DictConfig, source: str) -> None:
-    """Every value in its range (VALUE_RULES), and the few rules that tie two keys together."""
+    """Every value in its range (VALUE_RULES), every storage location one this code can use (file:// URIs
+    become the plain paths the code reads), and the few rules that tie two keys together."""
     for key, rule in VALUE_RULES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if not rule.accepts(value):
             raise ExperimentError(f"{source}: {key}={value!r} is out of range: it must be {rule.describe()}")
+    check_storage_keys(cfg, source)
     betas = list(cfg.train.betas)
     if len(betas) != 2 or not all(Range(lo=0, hi=1, hi_open=True).accepts(b) for b in betas):
         raise ExperimentError(f"{source}: train.betas={betas} is out of range: it must be two numbers in [0, 1)")
@@ -358,6 +363,27 @@ def check_values(cfg: DictConfig, source: str) -> None:
                               f"/ cluster.num_workers={cfg.cluster.num_workers}) is not divisible by "
                               f"train.grad_accum_steps={cfg.train.grad_accum_steps}: each optimizer step splits it "
                               "into that many equal micro-batches")
+
+
+def check_storage_keys(cfg: DictConfig, source: str) -> None:
+    """Each key that names storage, checked by storage.check_uri (naming the environment variable a value came
+    from); a file:// location is rewritten as its path."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for key in STORAGE_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(value, str):
+            continue
+        spelled = raw
+        for part in key.split("."):
+            spelled = spelled.get(part) if isinstance(spelled, dict) else None
+        env = [v for v in re.findall(r"oc\.env:([A-Za-z0-9_]+)", str(spelled)) if v in os.environ]
+        try:
+            shown = redact_uri(value) + (f" (from the environment: {', '.join(env)})" if env else "")
+            check_uri(value, key, shown)
+            if value.startswith("file://"):
+                OmegaConf.update(cfg, key, local_path(value))
+        except ExperimentError as e:
+            raise ExperimentError(f"{source}: {e}") from None
 
 
 def check_elastic(cfg: DictConfig, source: str) -> None:
@@ -394,6 +420,18 @@ def redact_uri(uri: str | None) -> str | None:
     host = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:***" if parts.password is not None else "***"
     return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
+URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+
+
+def redact_text(text: str) -> str:
+    """Every URI in a text (a command line) with its user part masked and its query cut (tokens ride there too)."""
+    def one(m: re.Match) -> str:
+        uri, _, query = m.group(0).partition("?")
+        return redact_uri(uri) + ("?***" if query else "")
+
+    return URI_IN_TEXT.sub(one, text)
 
 
 def redacted(cfg: DictConfig) -> dict:

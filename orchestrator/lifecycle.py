@@ -9,6 +9,7 @@ import dataclasses
 import json
 import subprocess
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import ray
@@ -23,6 +24,7 @@ from .plan import RunPlan, evaluation_key, plan_run
 from .progress import CheckpointNotifier, ProgressPrinter, RunBoard
 from .records import (
     ARCH_TAG,
+    ATTEMPTS_TAG,
     CONFIG_HASH_TAG,
     EVAL_KEY_TAG,
     FAILURE_TAG,
@@ -35,7 +37,7 @@ from .records import (
     resolved_config,
 )
 from .reevaluate import evaluate_many
-from .rundir import RunDir, runs_of
+from .rundir import LEASE_FILE, RunDir, runs_of
 from .storage import RunStorage, storage_from_config
 from .tracking import Tracker, resolve_tracking_uri
 from .train_loop import train_loop_per_worker
@@ -143,21 +145,24 @@ def explain_failure(e: Exception, plan: RunPlan, storage: RunStorage, last_check
     except ExperimentError as gone:
         where = last_checkpoint.rstrip("/").rsplit("/", 1)[-1] if last_checkpoint else "none yet"
         return RunFailed(
-            f"the run {plan.run_name} lost its storage and Ray Train ran out of restarts (cluster.max_failures="
+            f"the run {plan.run_name} lost its storage for longer than its requests are retried (storage."
+            f"retry_seconds={storage.retry_seconds:g}) and Ray Train ran out of restarts (cluster.max_failures="
             f"{plan.cfg.cluster.max_failures}): {gone}. The last checkpoint it saved is {where}; nothing up to it is "
             "lost. Rerun the same command when the storage answers: it resumes from there.")
     return e
 
 
 def train_evaluate_and_record(plan: RunPlan, run: RunDir, tracker: Tracker, run_id: str, evaluations=(),
-                              callbacks=(), resume_from: str | None = None, progress: bool = True) -> dict:
+                              callbacks=(), resume_from: str | None = None, progress: bool = True,
+                              lease: RunLease | None = None) -> dict:
     """Fit on Ray Train (resuming from resume_from, the checkpoint RunDir.checkpoint_to_resume chose), evaluate
     the final model, then write the result marker. Returns the final metrics.
 
     evaluations: sample-time settings (reevaluate.start_evaluation_run) evaluated on the final model in their own
-    runs; without them the run's own eval section is evaluated into the run itself."""
+    runs; without them the run's own eval section is evaluated into the run itself. lease: the run's, which the
+    workers check before they write; once another launch takes it over, the launch ends in RunFailed."""
     started = time.time()
-    step = fit_training(plan, run, tracker, run_id, evaluations, callbacks, resume_from, progress)
+    step = fit_training(plan, run, tracker, run_id, evaluations, callbacks, resume_from, progress, lease)
     final = run.read_final() or {"metrics": {}, "evaluations": {}}
     metrics = {**final["metrics"], "step": step}
     own = [] if evaluations else [{"key": evaluation_key(plan.cfg), "run_id": run_id,
@@ -170,6 +175,8 @@ def train_evaluate_and_record(plan: RunPlan, run: RunDir, tracker: Tracker, run_
     actions = ([{"kind": "tags", "run_id": run_id, "values": {EVAL_KEY_TAG: own[0]["key"]}}] if own else [])
     actions += [{"kind": "status", "run_id": e["run_id"], "status": "FINISHED"} for e in [*evaluations]]
     actions += [{"kind": "status", "run_id": run_id, "status": "FINISHED"}]
+    if lease is not None and not lease.still_ours():
+        raise lease_lost(plan, lease)
     record["tracking_behind"] = not run.backlog.deliver_or_keep(tracker, actions)
     run.write_result(record)
     if record["tracking_behind"]:
@@ -178,23 +185,26 @@ def train_evaluate_and_record(plan: RunPlan, run: RunDir, tracker: Tracker, run_
 
 
 def fit_training(plan: RunPlan, run: RunDir, tracker: Tracker, run_id: str, evaluations, callbacks,
-                 resume_from: str | None, progress: bool) -> int:
-    """The Ray Train job of a run, watched (progress lines, the last checkpoint known safe); a failure is
-    recorded in MLflow and explained in one paragraph where its cause is known. Returns the final step."""
+                 resume_from: str | None, progress: bool, lease: RunLease | None = None) -> int:
+    """The Ray Train job of a run, watched (progress lines, the last checkpoint known safe, the run's lease); a
+    failure is recorded in MLflow and explained in one paragraph where its cause is known. Returns the final
+    step."""
     init = dataclasses.asdict(find_weights(plan.cfg.model.init_from, run.storage)) if plan.cfg.model.init_from \
         else None
-    board = RunBoard.remote()
+    board = RunBoard.remote(earlier_attempts(tracker, run_id))
     loop_config = {"cfg": OmegaConf.to_container(plan.cfg, resolve=True), "source": plan.source,
                    "tracking_uri": tracker.uri, "mlflow_run_id": run_id, "resolved_config": redacted(plan.cfg),
-                   "resume_from": resume_from, "board": board if progress else None, "init_from": init,
-                   "evaluations": list(evaluations)}
+                   "resume_from": resume_from, "board": board, "init_from": init, "evaluations": list(evaluations)}
     trainer = torch_trainer(train_loop_per_worker, loop_config, plan.cfg, run.storage, plan.run_name,
                             plan.cfg.cluster.max_failures, [*callbacks, CheckpointNotifier(board)])
-    printer = ProgressPrinter(board, plan.display_name)
+    printer = ProgressPrinter(board, plan.display_name, show=progress)
+    watched = lease.watched(board.lease_held.remote, board.lease_lost.remote) if lease else nullcontext()
     try:
-        with printer:
+        with watched, printer:
             result = fit(trainer, plan.cfg)
     except Exception as e:
+        if lease is not None and not lease.still_ours():  # the MLflow run is the other launch's: nothing recorded
+            raise lease_lost(plan, lease) from None
         failure = explain_failure(e, plan, run.storage, printer.last_checkpoint)
         run.backlog.deliver_or_keep(tracker, [
             {"kind": "tags", "run_id": run_id, "values": {FAILURE_TAG: str(failure)[:4000]}},
@@ -204,7 +214,27 @@ def fit_training(plan: RunPlan, run: RunDir, tracker: Tracker, run_id: str, eval
         raise failure from None
     finally:
         ray.kill(board)
+    if lease is not None and not lease.still_ours():
+        raise lease_lost(plan, lease)
     return result.metrics.get("step")
+
+
+def earlier_attempts(tracker: Tracker, run_id: str) -> list[dict]:
+    """The starts of the run's workers its earlier launches recorded; this launch's are added after them."""
+    try:
+        return json.loads(tracker.client.get_run(run_id).data.tags.get(ATTEMPTS_TAG, "[]"))
+    except Exception:  # unreadable or unreachable: the tag starts again from this launch
+        return []
+
+
+def lease_lost(plan: RunPlan, lease: RunLease) -> RunFailed:
+    return RunFailed(
+        f"the run {plan.run_name} was taken over by another launch ({lease.lost}): this launch's driver had not "
+        f"renewed the run's lease ({lease.rundir.describe(LEASE_FILE)}) for longer than its {lease.ttl:.0f} s "
+        "(the driver frozen or suspended, or cut off from the storage). That launch drives the run now, from its "
+        "latest checkpoint and in the same MLflow run; this one stopped without writing more to either, so no "
+        "step is lost or counted twice. Watch the other launch, or stop it and rerun this command to drive the "
+        "run from here.")
 
 
 def run_experiment(plan: RunPlan, storage: RunStorage, tracking_uri: str, set_aside_corrupt: bool = False) -> dict:
@@ -220,7 +250,7 @@ def run_experiment(plan: RunPlan, storage: RunStorage, tracking_uri: str, set_as
               f"retraining. Final metrics: {metrics}")
         return metrics
 
-    with RunLease(run, f"orchestrator.run of {plan.display_name}"):
+    with RunLease(run, f"orchestrator.run of {plan.display_name}") as lease:
         tracker = Tracker(tracking_uri)
         tracker.experiment_id(plan.experiment_name)  # created here, in the driver, never by workers
         replay_tracking(run, tracker)
@@ -236,6 +266,6 @@ def run_experiment(plan: RunPlan, storage: RunStorage, tracking_uri: str, set_as
             print(f"[orchestrator] {plan.run_name} evaluated: {metrics}")
             return metrics
         run_id = start_tracked_run(plan, run, tracker)
-        metrics = train_evaluate_and_record(plan, run, tracker, run_id, resume_from=resume_from)
+        metrics = train_evaluate_and_record(plan, run, tracker, run_id, resume_from=resume_from, lease=lease)
     print(f"[orchestrator] {plan.run_name} finished: {metrics}")
     return metrics

@@ -1,25 +1,36 @@
-"""What the driver knows of a run while Ray trains it: a small actor that rank 0 tells of its progress and
-that Ray Train's controller tells of every checkpoint it persisted; the driver prints one progress line per
-log interval from it and, when a run fails, names the last checkpoint that is safe in storage."""
+"""What the driver knows of a run while Ray trains it, and what the workers learn from it: a small actor that
+rank 0 tells of its progress and of each start of the workers (the run's attempts), that Ray Train's controller
+tells of every checkpoint it persisted, and that the driver tells of the run's lease (lease.py). The driver prints
+one progress line per log interval from it and, when a run fails, names the last checkpoint that is safe in
+storage; rank 0 asks it, before anything it writes, whether the lease is still this launch's."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
+import time
 
 import ray
 from ray.train import UserCallback
 from ray.tune import Callback
 
+from .delivery import say
+
 
 @ray.remote(num_cpus=0)
 class RunBoard:
-    def __init__(self):
-        self.lines: list[dict] = []
+    def __init__(self, attempts: list[dict] | None = None):
+        self.lines: collections.deque = collections.deque(maxlen=1000)  # undrained when nobody prints (sweeps)
         self.checkpoint: str | None = None
+        self.step: int | None = None
+        self.attempts: list[dict] = list(attempts or [])
+        self.lease_until: float | None = None  # this actor's monotonic time; None: no lease is watched
+        self.lost_to: str | None = None
 
     def progress(self, values: dict) -> None:
         self.lines.append(values)
+        self.step = values.get("step", self.step)
 
     def persisted(self, path: str) -> None:
         name = path.rstrip("/").rsplit("/", 1)[-1]
@@ -27,8 +38,61 @@ class RunBoard:
             self.checkpoint = path
 
     def drain(self) -> tuple[list[dict], str | None]:
-        lines, self.lines = self.lines, []
+        lines = list(self.lines)
+        self.lines.clear()
         return lines, self.checkpoint
+
+    def attempt(self, step: int, workers: int) -> list[dict]:
+        """The workers (re)started at `step`: every attempt of the run so far, this one last (the one before
+        ends at the last step it reported)."""
+        if self.attempts and "to" not in self.attempts[-1] and self.step is not None:
+            self.attempts[-1]["to"] = self.step
+        self.attempts.append({"from": step, "workers": workers})
+        self.step = step
+        return self.attempts
+
+    def attempt_ended(self, step: int) -> list[dict]:
+        if self.attempts:
+            self.attempts[-1]["to"] = step
+        return self.attempts
+
+    def lease_held(self, valid_for: float) -> None:
+        self.lease_until = time.monotonic() + valid_for
+
+    def lease_lost(self, holder: str) -> None:
+        self.lost_to = holder
+
+    def lease(self) -> tuple[str, float | str | None]:
+        """("held", None), ("unconfirmed", seconds past the time it could be trusted) or ("lost", the launch
+        that holds it now)."""
+        if self.lost_to is not None:
+            return "lost", self.lost_to
+        left = None if self.lease_until is None else self.lease_until - time.monotonic()
+        return ("held", None) if left is None or left > 0 else ("unconfirmed", -left)
+
+
+def lease_lost(board) -> str | None:
+    """Rank 0, before it writes: None while the run's lease is this launch's, the launch that holds it now once
+    it is lost. While the driver has not confirmed it for longer than it may be trusted (the driver is frozen, or
+    cut off from the storage), this waits: a second launch may take the run over only after that."""
+    waiting_since = None
+    while True:
+        try:
+            state, detail = ray.get(board.lease.remote(), timeout=60)
+        except Exception:  # no board: the driver is gone, and Ray ends these workers with it
+            return None
+        if state == "lost":
+            return detail
+        if state == "held":
+            if waiting_since is not None:
+                say(f"[run] the driver renewed the run's lease again after {time.monotonic() - waiting_since:.0f} s; "
+                    "training goes on")
+            return None
+        if waiting_since is None:
+            waiting_since = time.monotonic()
+            say("[run] the driver has not renewed the run's lease in time (it is frozen, or cut off from the "
+                "storage): training waits until it does, and stops if another launch takes the run over")
+        time.sleep(0.5)
 
 
 class CheckpointNotifier(UserCallback):
@@ -74,10 +138,10 @@ def evaluation_line(name: str, p: dict) -> str:
 
 
 class ProgressPrinter:
-    """Polls the board in a thread while the driver waits in fit(); prints each progress line once."""
+    """Polls the board in a thread while the driver waits in fit(); prints each progress line once (show)."""
 
-    def __init__(self, board, name: str, every: float = 1.0):
-        self.board, self.name, self.every = board, name, every
+    def __init__(self, board, name: str, every: float = 1.0, show: bool = True):
+        self.board, self.name, self.every, self.show = board, name, every, show
         self.last_checkpoint: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
@@ -100,7 +164,7 @@ class ProgressPrinter:
             lines, self.last_checkpoint = ray.get(self.board.drain.remote(), timeout=10)
         except Exception:  # the board is only for display; never fail the run over it
             return
-        for p in lines:
+        for p in lines if self.show else []:
             line = evaluation_line(self.name, p) if p.get("kind") == "evaluation" else progress_line(self.name, p)
             print(line, flush=True)
 

@@ -30,6 +30,7 @@ BEST_OVERRIDES_TAG = "tarflow.best_overrides"
 BEST_TAG = "tarflow.best"              # the best trial and setting in words, with its value
 FAILURE_TAG = "tarflow.failure"      # why a run ended FAILED, in one paragraph
 STORAGE_TAG = "tarflow.storage"     # where a run's directory is: {"uri", "endpoint_url", "run_name"}, JSON
+ATTEMPTS_TAG = "tarflow.attempts"   # each start of the workers: [{"from": step, "to": last step, "workers": n}], JSON
 SCALE_TAG = "scale"
 CONFIG_HASH_TAG = "config_hash"
 

@@ -114,6 +114,10 @@ class RunDir:
     def lease_path(self) -> str:
         return self.path(LEASE_FILE)
 
+    def lease_probe_path(self, owner: str) -> str:
+        """A scratch record beside the lease, to learn whether the storage honours conditional writes."""
+        return self.path(f"{LEASE_FILE}.probe-{owner}")
+
     @property
     def backlog(self) -> Backlog:
         return Backlog(self)

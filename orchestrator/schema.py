@@ -142,6 +142,9 @@ class StorageSection:
     endpoint_url: Optional[str] = None  # S3-compatible endpoint (MinIO, SeaweedFS); credentials from the AWS chain
     keep_checkpoints: int = 2
     async_upload: bool = True
+    # S3 requests (checkpoint uploads included) are retried for about this long before they fail: a storage
+    # hiccup is waited out in place instead of restarting the workers from their last checkpoint
+    retry_seconds: float = 180.0
     # for the dry run's checkpoint bill, MB/s (10^6 bytes): null takes the figures benchmarks/bench_storage.py
     # measured here (orchestrator/cost.py; for a real S3 bucket an assumption: measure yours)
     write_mb_per_s: Optional[float] = None        # upload to storage.uri (S3, or a local directory)

@@ -13,26 +13,68 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import sys
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
 from .errors import ExperimentError
 
+# the config keys that name a place in storage, all checked by check_uri before any work
+STORAGE_KEYS = ("storage.uri", "data.root", "model.init_from", "eval.fid.inception_weights")
+SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+RETRY_SECONDS = 180.0  # storage.retry_seconds' default
+
+
+def check_uri(value, key: str, shown: str | None = None) -> None:
+    """A storage location this code can use: a local path, file:///path, or s3://bucket/prefix (any S3-compatible
+    store). Anything else would become a local folder named after its scheme: an ExperimentError names the key.
+    shown: the value as the message shows it (credentials redacted, where it came from)."""
+    m = SCHEME.match(value) if isinstance(value, str) else None
+    if m is None or m.group(1) in ("s3", "file"):
+        return
+    scheme = m.group(1)
+    said = f"{key}={shown or value}"
+    if scheme.lower() in ("s3", "file"):
+        raise ExperimentError(f"{said}: the scheme is spelled {scheme.lower()}:// (lower case)")
+    if scheme.lower() in ("gs", "gcs"):
+        bucket, _, rest = value[m.end():].partition("/")
+        rest = f"{bucket.rpartition('@')[2]}/{rest}".rstrip("/")  # never a credential in the advice
+        raise ExperimentError(
+            f"{said}: Google Cloud Storage is reached through its S3-compatible XML API: "
+            f"{key}=s3://{rest} with storage.endpoint_url=https://storage.googleapis.com, and an HMAC key "
+            "of a service account that may use the bucket as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    raise ExperimentError(f"{said}: {scheme}:// is not a storage this code reads or writes; use a local path (or "
+                          "file:///path) or s3://bucket/prefix (any S3-compatible store, with storage.endpoint_url)")
+
+
+def local_path(uri: str) -> str:
+    """file:///x/y -> /x/y; anything else as it is."""
+    if not uri.startswith("file://"):
+        return uri
+    parsed = urlparse(uri)
+    if parsed.netloc not in ("", "localhost"):
+        raise ExperimentError(f"{uri}: a file:// URI names a path on this machine (file:///path), not on "
+                              f"host {parsed.netloc!r}")
+    return unquote(parsed.path)
+
 
 @dataclass
 class RunStorage:
-    uri: str                          # local path or s3://bucket/prefix
+    uri: str                          # local path (or file:///path) or s3://bucket/prefix
     endpoint_url: str | None = None
+    retry_seconds: float = RETRY_SECONDS  # how long S3 requests are retried before an error (storage.retry_seconds)
 
     def __post_init__(self):
+        check_uri(self.uri, "storage")
         # absolute now: Ray Tune runs trials in other working directories
         if not self.uri.startswith("s3://"):
-            self.uri = str(Path(self.uri).expanduser().resolve())
+            self.uri = str(Path(local_path(self.uri)).expanduser().resolve())
 
     @property
     def is_s3(self) -> bool:
@@ -49,7 +91,7 @@ class RunStorage:
             ep = urlparse(self.endpoint_url)
             # pyarrow ignores AWS_ENDPOINT_URL: the endpoint must be passed explicitly
             kwargs = dict(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
-        return pafs.S3FileSystem(**kwargs), root
+        return RetryingS3FileSystem(self.retry_seconds, **kwargs), root
 
     def describe(self) -> str:
         return f"{self.uri} (endpoint {self.endpoint_url})" if self.endpoint_url else self.uri
@@ -149,6 +191,19 @@ class RunStorage:
             os.replace(tmp, path)
         return True
 
+    def honours_conditional_writes(self, probe: str) -> bool:
+        """Whether writes that must fail do: a create over an existing record, a replace of a version that is not
+        the current one. Some S3-compatible endpoints ignore If-None-Match / If-Match and write anyway.
+        probe: a scratch record's path, deleted after."""
+        try:
+            self.create_if_absent(probe, b"probe")
+            return not self.create_if_absent(probe, b"create over it") and not self.replace_if_version(
+                probe, b"replace another version", '"00000000000000000000000000000000"')
+        finally:
+            self.delete(probe)
+            if not self.is_s3:
+                Path(self.uri, probe + ".lock").unlink(missing_ok=True)
+
     def delete(self, relpath: str) -> None:
         fs, path = self._path(relpath)
         if fs.get_file_info(path).type == pafs.FileType.File:
@@ -161,10 +216,22 @@ class RunStorage:
         return fs, posixpath.join(root, *parts)
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
+        """Whole or not at all: a local file is written beside its place and renamed (a crash mid-write leaves
+        the old one); an S3 object appears only once its upload completes."""
         fs, path = self._path(relpath)
         fs.create_dir(posixpath.dirname(path), recursive=True)
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        if self.is_s3:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def write_text(self, relpath: str, text: str) -> None:
         self.write_bytes(relpath, text.encode())
@@ -266,6 +333,40 @@ class RunStorage:
         return sorted(posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(path)))
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, its requests retried by the AWS SDK for about `retry_seconds` (connection refused
+    and timeouts included) before an error: a storage hiccup during a checkpoint upload is waited out in place
+    instead of costing a restart of the worker group.
+
+    The AWS SDK's standard strategy waits a random 0-1 s before the first retry, doubling up to 20 s
+    (benchmarks/bench_s3_retry.py measures it). It is a subclass only to survive pickling: Ray Train ships the
+    filesystem to its controller and workers, and pyarrow's own pickling drops the retry strategy
+    (apache/arrow#47348)."""
+
+    def __init__(self, retry_seconds: float = RETRY_SECONDS, **kwargs):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3_attempts(retry_seconds)),
+                         **kwargs)
+        self.retry_seconds, self.kwargs = retry_seconds, kwargs
+
+    def __reduce__(self):
+        return RetryingS3FileSystem._rebuild, (self.retry_seconds, self.kwargs)
+
+    @staticmethod
+    def _rebuild(retry_seconds: float, kwargs: dict) -> RetryingS3FileSystem:
+        return RetryingS3FileSystem(retry_seconds, **kwargs)
+
+
+def s3_attempts(seconds: float) -> int:
+    """The max_attempts of the AWS SDK's standard retry strategy whose expected back-off adds up to `seconds`:
+    retry k waits min(U·2^k, 20) s, U uniform in [0, 1)."""
+    attempts, waited = 1, 0.0
+    while waited < seconds:
+        span = float(2 ** min(attempts - 1, 30))
+        waited += span / 2 if span <= 20 else 20 - 200 / span  # the mean of min(U·span, 20)
+        attempts += 1
+    return attempts
+
+
 @contextmanager
 def file_lock(path: Path, waiting: str | None = None):
     """An exclusive flock on `path` (created) for the block: the processes of one host, one at a time.
@@ -290,4 +391,5 @@ def _writable(path: Path) -> bool:
 
 
 def storage_from_config(cfg) -> RunStorage:
-    return RunStorage(uri=cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url)
+    return RunStorage(uri=cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url,
+                      retry_seconds=cfg.storage.retry_seconds)

@@ -213,7 +213,7 @@ def run_trial(config: dict, secrets: dict) -> None:
     if done is not None:  # finished before: report, don't reopen or retrain (new settings: run_sweep's catch-up)
         ray.tune.report(done["metrics"])
         return
-    with RunLease(run, f"trial of sweep {config['sweep_name']}"):
+    with RunLease(run, f"trial of sweep {config['sweep_name']}") as lease:
         tracker = Tracker(secrets["tracking_uri"])
         resume_from = run.checkpoint_to_resume(set_aside_corrupt=False)
         run_id = start_tracked_run(plan, run, tracker, parent_run_id=config["parent_run_id"],
@@ -224,7 +224,8 @@ def run_trial(config: dict, secrets: dict) -> None:
                                             s, bpd=False, extra_tags={SWEEP_TAG: config["sweep_name"]})
                        for s in config["sample_settings"]]
         train_evaluate_and_record(plan, run, tracker, run_id, evaluations=evaluations,
-                                  callbacks=[TuneReportCallback()], resume_from=resume_from, progress=False)
+                                  callbacks=[TuneReportCallback()], resume_from=resume_from, progress=False,
+                                  lease=lease)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,8 +269,9 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
         "parent_run_id": parent_id, "sweep_name": sweep.name, "sample_settings": sweep.sample_settings,
         "verbose": trainer.VERBOSE,
     }
-    secrets = {"tracking_uri": tracking_uri, "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url},
-               "config": credentials(cfg)}
+    secrets = {"tracking_uri": tracking_uri, "config": credentials(cfg),
+               "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url,
+                           "retry_seconds": storage.retry_seconds}}
     grid = tuner_of(sweep, storage, param_space, secrets).fit()
     errored = {trial_id_of(r) for r in grid if r.error is not None}
     catch_up_evaluations(sweep, storage, tracker, param_space, secrets)

@@ -8,6 +8,7 @@ what it has not delivered travels inside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import tempfile
 import time
@@ -31,6 +32,8 @@ from .evaluation import FIDContext, evaluate_model, evaluate_settings
 from .monitoring import node_name, start_system_metrics
 from .periodic import PeriodicEvaluation, start_periodic
 from .plan import RunPlan, plan_run, schedule, train_config
+from .progress import lease_lost
+from .records import ATTEMPTS_TAG
 from .rundir import CHECKPOINT_FILE, RunDir, checkpoint_dir_name, checkpoint_step, read_records, write_records
 from .storage import RunStorage
 from .trainer import this_worker
@@ -60,7 +63,7 @@ class Worker:
     @property
     def share(self) -> int:
         return len(self.positions)
-    board: object = None             # the driver's RunBoard actor (progress lines), if any
+    board: object = None             # the driver's RunBoard actor (progress lines, the lease, attempts), if any
     logger: RunLogger | None = None  # rank 0 only
     nodes: list = field(default_factory=list)  # the Ray node id of every rank
     last_logged: dict = field(default_factory=dict)
@@ -221,6 +224,27 @@ def start_logging(w: Worker, config: dict, state: tarflow.TrainState, resumed: b
         w.logger.log_metrics({"resumed_from_step": state.step}, step=state.step)
     else:
         w.logger.log_dict(config["resolved_config"], "config/resolved.json")
+    if w.board is not None:  # which attempt the curves show: a restart redoes the steps after its checkpoint
+        attempts = ray.get(w.board.attempt.remote(state.step, w.world))
+        w.logger.set_tags({ATTEMPTS_TAG: json.dumps(attempts[-100:])})
+
+
+def lease_kept(w: Worker, step: int) -> bool:
+    """Every rank, at the same step: whether this launch still holds the run's lease (rank 0 asks the driver's
+    board, progress.lease_lost, and may wait there). Once another launch took the run over, nothing more is
+    written: not a checkpoint (the run's directory is that launch's now), not a metric."""
+    lost = 0.0
+    if w.rank == 0 and w.board is not None:
+        holder = lease_lost(w.board)
+        if holder is not None:
+            say(f"[run] another launch took this run over ({holder}): stopping at step {step} without writing "
+                "to the run's storage or MLflow run")
+            lost = 1.0
+    if w.world > 1:
+        flag = torch.tensor([lost], device=w.device)
+        dist.all_reduce(flag)
+        lost = flag.item()
+    return lost == 0
 
 
 @dataclass
@@ -244,10 +268,12 @@ class Window:
 
 
 def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int, total_steps: int,
-          periodic: PeriodicEvaluation | None = None) -> None:
+          periodic: PeriodicEvaluation | None = None) -> bool:
     """Steps until total_steps: metrics every train.log_every, a periodic evaluation every eval.every_steps (if
     on), a checkpoint every train.checkpoint_every (after the evaluation of its step, so a resume from it does
-    not evaluate that step again), reporting the mean loss since the last checkpoint (what a sweep compares)."""
+    not evaluate that step again), reporting the mean loss since the last checkpoint (what a sweep compares).
+    Each of them only while the run's lease is this launch's: False when it stopped because another launch took
+    the run over."""
     cfg = w.cfg
     every_log, every_ckpt = cfg.train.log_every, cfg.train.checkpoint_every
     started, start_step = time.perf_counter(), state.step
@@ -264,14 +290,19 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
                                    loss_weight=w.share * w.world / cfg.train.batch_size)
             window.add(m)
             since_report.add(m)
-            if state.step % every_log == 0 or state.step == total_steps:
+            at_log = state.step % every_log == 0 or state.step == total_steps
+            at_checkpoint = state.step % every_ckpt == 0 or state.step == total_steps
+            evaluating = periodic is not None and periodic.due(state.step)
+            if (at_log or at_checkpoint or evaluating) and not lease_kept(w, state.step):
+                return False
+            if at_log:
                 log_progress(w, window, m, state.step, steps_per_epoch, total_steps, start_step, started)
                 window = Window()
-            if periodic is not None and periodic.due(state.step):
+            if evaluating:
                 seconds = periodic(state.ema if state.ema is not None else state.model, state.step, w.logger,
                                    w.board if w.rank == 0 else None)
                 window.opened += seconds  # images/s stays the training throughput
-            if state.step % every_ckpt == 0 or state.step == total_steps:
+            if at_checkpoint:
                 w.reported_loss = since_report.mean(w)[0]
                 checkpoint_and_report(w, {"step": state.step, "loss": w.reported_loss}, state, epoch=epoch)
                 since_report = Window()
@@ -279,6 +310,7 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
                 noticed = heed_preemption(w, state, epoch, since_report)
             if state.step >= total_steps:
                 break
+    return True
 
 
 def log_progress(w: Worker, window: Window, m: dict, step: int, steps_per_epoch: int, total_steps: int,
@@ -299,10 +331,18 @@ def finish_tracking(w: Worker, final: dict, evaluations: dict, step: int, timeou
     take the rest; what it did not take is kept in storage for the driver to replay. Returns that count."""
     if w.rank != 0:
         return 0
+    if w.board is not None and w.logger:
+        w.logger.set_tags({ATTEMPTS_TAG: json.dumps(ray.get(w.board.attempt_ended.remote(step))[-100:])})
     w.run.write_final({"step": step, "metrics": {**w.last_logged, **final}, "evaluations": evaluations})
     pending = w.logger.queue.close(timeout) if w.logger else []
     w.run.backlog.merge(pending)
     return len(pending)
+
+
+def stop_writing(monitor) -> None:
+    """The end of workers whose run another launch took over: their driver says why (lifecycle.py)."""
+    if monitor is not None:
+        monitor.finish()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -324,7 +364,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     fid = FIDContext(w.cfg, w.plan, w.storage, w.rank, w.world, w.device)  # built on first use
     periodic = start_periodic(w.cfg, w.plan, w.device, w.rank, w.world, fid)
-    train(w, state, train_set, steps_per_epoch, total_steps, periodic)
+    if not train(w, state, train_set, steps_per_epoch, total_steps, periodic):
+        return stop_writing(monitor)
 
     model = state.ema if state.ema is not None else state.model
     settings = config.get("evaluations") or []
@@ -336,6 +377,8 @@ def train_loop_per_worker(config: dict) -> None:
         w.logger.log_dict({"step": state.step, **final}, "metrics/final.json")
     evaluated = evaluate_settings(model, w.cfg, w.plan, settings, state.step, w.device, w.rank, w.world,
                                   config["tracking_uri"], fid)
+    if not lease_kept(w, state.step):
+        return stop_writing(monitor)
     pending = finish_tracking(w, final, evaluated, state.step)
     if monitor is not None:
         monitor.finish()

@@ -1,6 +1,6 @@
 """A long run survives its faults, injected for real: the MLflow server killed mid-run (and back, or not), an
-S3 server gone for good. (A lost worker, a killed driver, a second launch, a corrupt checkpoint and a wiped
-storage are in test_run.py.)"""
+S3 server gone for good or for 30 s, a driver frozen while a second launch takes its run over. (A lost worker, a
+killed driver, a second launch, a corrupt checkpoint and a wiped storage are in test_run.py.)"""
 
 import json
 import os
@@ -119,7 +119,7 @@ def test_storage_gone_for_good_ends_in_one_paragraph(tmp_path):
     env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "secret-k", "AWS_DEFAULT_REGION": "us-east-1"}
     args = [TABLE2, *TEST, "train.steps=400", "train.checkpoint_every=20", "cluster.max_failures=1",
             "storage.uri=s3://gone/runs", f"storage.endpoint_url={s3.url}", f"tracking.uri={uri}",
-            "experiment.name=gone", "storage.async_upload=false"]
+            "experiment.name=gone", "storage.async_upload=false", "storage.retry_seconds=3"]  # not 3 min a try
     log = tmp_path / "gone.log"
     proc = start(args, tmp_path, log, **env)
     try:
@@ -135,11 +135,89 @@ def test_storage_gone_for_good_ends_in_one_paragraph(tmp_path):
     assert code == 1, out[-4000:]
     err = next(line for line in out.splitlines() if line.startswith("error: "))
     assert "lost its storage" in err and s3.url in err and "cluster.max_failures=1" in err, err
+    assert "storage.retry_seconds=3" in err, err
     assert "The last checkpoint it saved is checkpoint_000000" in err and "resumes from there" in err, err
     assert "Traceback" not in out.split("error: ")[-1]
     client = MlflowClient(uri)
     (run,) = training_run(client, "gone")
     assert run.info.status == "FAILED" and "lost its storage" in run.data.tags["tarflow.failure"]
+
+
+def test_a_storage_hiccup_during_a_checkpoint_upload_is_waited_out_in_place(tmp_path):
+    """S3 stopped for 30 s right after a checkpoint, then back on the same port: the next upload waits for it
+    (storage.retry_seconds) instead of failing in Ray's upload thread and restarting the workers from the last
+    checkpoint (one of max_failures spent, the steps since trained twice)."""
+    s3 = start_s3_server(tmp_path / "s3", kind="seaweedfs", access_key="k", secret_key="secret-k")
+    create_bucket(s3.url, "hiccup", "k", "secret-k")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "secret-k", "AWS_DEFAULT_REGION": "us-east-1"}
+    args = [TABLE2, *TEST, "train.steps=300", "train.log_every=10", "train.checkpoint_every=50",
+            "cluster.max_failures=1", "storage.uri=s3://hiccup/runs", f"storage.endpoint_url={s3.url}",
+            f"tracking.uri={uri}", "experiment.name=hiccup", "storage.async_upload=false"]
+    log = tmp_path / "hiccup.log"
+    proc = start(args, tmp_path, log, **env)
+    try:
+        def checkpointed():
+            keys = [o["Key"] for o in s3_client(s3.url, "k", "secret-k").list_objects_v2(
+                Bucket="hiccup").get("Contents", [])]
+            return any("/checkpoint_00000050/state.pt.sha256" in k for k in keys)
+
+        wait_for(checkpointed, proc, log)
+        ports = s3.info["ports"]
+        s3.stop()
+        time.sleep(30)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        client = MlflowClient(uri)
+        (run,) = training_run(client, "hiccup")
+        assert max(loss_steps(client, run.info.run_id)) < 300  # an upload (synchronous here) waits for the storage
+        s3 = start_s3_server(tmp_path / "s3", kind="seaweedfs", access_key="k", secret_key="secret-k", ports=ports)
+        code, out = finish(proc, log)
+    finally:
+        s3.stop()
+    assert code == 0, out[-4000:]
+    (run,) = training_run(client, "hiccup")
+    assert loss_steps(client, run.info.run_id) == list(range(10, 301, 10))  # each once
+    assert client.get_metric_history(run.info.run_id, "resumed_from_step") == []  # no restart of the workers
+    assert json.loads(run.data.tags["tarflow.attempts"]) == [{"from": 0, "workers": 1, "to": 300}]
+    assert "RayTrainWorker" not in out and "Traceback" not in out, out[-4000:]
+
+
+def test_a_frozen_driver_whose_run_another_launch_took_over_stops_and_says_so(tmp_path):
+    """A driver frozen past its lease's ttl (a suspended laptop, a paused VM) finds, once it runs again, that a
+    second launch drives its run: it ends with exit 1 and one paragraph, having written nothing more, and its
+    workers waited as soon as the lease could no longer be trusted. The second launch finishes the run; MLflow
+    has every step once."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lease = {"TARFLOW_LEASE_TTL_S": "6", "TARFLOW_LEASE_INTERVAL_S": "1"}
+    args = [TABLE2, *TEST, "train.steps=600", "train.log_every=10", "train.checkpoint_every=50",
+            f"tracking.uri={uri}", "experiment.name=takeover"]
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    client = MlflowClient(uri)
+    client.search_experiments()  # the store created here, not by the driver while this test reads it
+    first = start(args, tmp_path, first_log, **lease)
+    wait_for(lambda: training_run(client, "takeover") and max(
+        loss_steps(client, training_run(client, "takeover")[0].info.run_id) or [0]) >= 60, first, first_log)
+    os.kill(first.pid, signal.SIGSTOP)  # the driver only: its Ray instance and workers go on
+    try:
+        time.sleep(7)  # past the ttl, as its heartbeat's age on this host shows
+        second = start(args, tmp_path, second_log, **lease)
+        wait_for(lambda: "took over the stale lease" in second_log.read_text(), second, second_log)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    code, out = finish(first, first_log)
+    assert code == 1, out[-4000:]
+    err = next(line for line in out.splitlines() if line.startswith("error: "))
+    assert "was taken over by another launch (orchestrator.run of takeover/" in err and "drives the run now" in err, err
+    assert f"pid {second.pid} on" in err and "Traceback" not in out.split("error: ")[-1]
+    assert "has not renewed the run's lease in time" in out and "another launch took this run over" in out
+    code, out = finish(second, second_log)
+    assert code == 0, out[-4000:]
+    assert "watching it for up to 6 s" in out and "unchanged for 6 s" in out  # by its own clock, for the ttl
+    (run,) = training_run(client, "takeover")
+    assert run.info.status == "FINISHED"
+    assert loss_steps(client, run.info.run_id) == list(range(10, 601, 10))  # each once
+    attempts = json.loads(run.data.tags["tarflow.attempts"])
+    assert [a["from"] for a in attempts][0] == 0 and len(attempts) == 2 and attempts[1]["from"] % 50 == 0, attempts
 
 
 def test_a_killed_run_whose_mlflow_run_was_deleted_resumes_into_a_live_run(tmp_path, local_ray):

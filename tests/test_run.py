@@ -78,6 +78,35 @@ def test_bad_config_fails_before_any_work(tmp_path, override, fragments):
     assert_clean_failure(run_main(main, [TABLE2, *TEST, override], tmp_path), tmp_path, *fragments)
 
 
+GCS_ADVICE = ["storage.endpoint_url=https://storage.googleapis.com", "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"]
+
+
+@pytest.mark.parametrize("override,env,fragments", [
+    ("storage.uri=gs://bucket/x", {}, ["storage.uri=gs://bucket/x:", "storage.uri=s3://bucket/x with", *GCS_ADVICE]),
+    ("storage.uri=S3://bucket/x", {}, ["storage.uri=S3://bucket/x:", "spelled s3:// (lower case)"]),
+    ("data.root=gs://bucket/prepared", {}, ["data.root=s3://bucket/prepared with", *GCS_ADVICE]),
+    ("model.init_from=hf://org/model.pt", {}, ["model.init_from=hf://org/model.pt:", "hf:// is not a storage"]),
+    ("eval.fid.inception_weights=https://u:pw@host/w.pth", {},
+     ["eval.fid.inception_weights=https://u:***@host/w.pth:", "s3://bucket/prefix"]),
+    ("storage=s3", {"TARFLOW_S3_URI": "gs://bucket/runs"},
+     ["storage.uri=gs://bucket/runs (from the environment: TARFLOW_S3_URI)", "storage.uri=s3://bucket/runs with"]),
+])
+def test_storage_is_a_path_or_s3_and_any_other_scheme_is_refused_before_any_work(tmp_path, monkeypatch, override, env,
+                                                                                   fragments):
+    """gs://, S3:// and the like once became local folders named after their scheme (./gs:/bucket/x)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = run_main(main, [TABLE2, *TEST, override, "--dry-run"], tmp_path)  # the dry run too: nothing written
+    assert_clean_failure(r, tmp_path, *fragments)
+    assert len(r.stderr.strip().splitlines()) == 1 and "pw@" not in r.stderr, r.stderr
+
+
+def test_a_file_uri_is_the_path_it_names(tmp_path):
+    r = run_main(main, [TABLE2, *TEST, f"storage.uri=file://{tmp_path}/runs", "--dry-run"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"storage     {tmp_path}/runs/table2-" in r.stdout and "file:" not in r.stdout
+
+
 def test_unreachable_services_fail_fast(tmp_path, monkeypatch):
     port = free_port()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
@@ -230,6 +259,33 @@ def test_lost_worker_and_killed_driver_resume_without_duplicate_steps(tmp_path, 
     images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == list(range(50, 301, 50))
     assert "bpd" in runs[0].data.metrics
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_upload_was_cut_short_is_set_aside_and_the_one_before_resumed(tmp_path, local_ray):
+    """The latest checkpoint has no checksum record (its upload never finished): it once passed the check, was
+    picked for the resume, and the workers failed on it at every retry. Now it is set aside, said, and the run
+    resumes from the checkpoint before it; MLflow's tarflow.attempts shows the steps trained twice."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [TABLE2, *TEST, "train.steps=20", "eval.num_samples=0", "storage.uri=store", "experiment.name=cutshort",
+            "cluster.num_workers=1", f"tracking.uri={uri}"]
+    r = run_main(main, args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = next((tmp_path / "store").glob("cutshort-*"))
+    (run_dir / "result.json").unlink()  # as if the driver had died while the last upload went on
+    (run_dir / "checkpoint_00000020" / "state.pt.sha256").unlink()
+
+    r = run_main(main, args, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"checkpoint checkpoint_00000020 of {run_dir.name} is incomplete (no checksum record" in r.stdout
+    assert "resuming from the one before it" in r.stdout
+    (kept,) = (run_dir / "corrupt").glob("checkpoint_00000020-*")
+    assert not (kept / "state.pt.sha256").exists()  # kept as it was
+    assert (run_dir / "checkpoint_00000020" / "state.pt.sha256").is_file() and (run_dir / "result.json").is_file()
+    client, (run,) = runs_of(uri, "cutshort")
+    assert steps_of(client, run.info.run_id, "resumed_from_step") == [10]
+    assert json.loads(run.data.tags["tarflow.attempts"]) == [{"from": 0, "workers": 1, "to": 20},
+                                                               {"from": 10, "workers": 1, "to": 20}]
 
 
 @pytest.mark.slow

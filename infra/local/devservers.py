@@ -292,13 +292,17 @@ def start_s3_server(
     access_key: str = "testkey",
     secret_key: str = "testsecret",
     timeout: float = 30.0,
+    ports: dict[str, tuple[int, int]] | None = None,
 ) -> Service:
     """Start an S3-compatible server on 127.0.0.1 and wait until it answers ListBuckets.
+
+    ports: a stopped server's ``info["ports"]``, to bring it back where its clients expect it (with the
+    same ``workdir``, its objects are still there); default free ones.
 
     kind: ``"seaweedfs"`` (``weed mini``; enforces ``access_key``/``secret_key``),
     ``"moto"`` (``moto_server``; accepts any credentials) or ``"auto"``
     (seaweedfs if its binary works, else moto).
-    ``Service.info`` holds ``access_key``, ``secret_key`` and ``startup_s``.
+    ``Service.info`` holds ``access_key``, ``secret_key``, ``ports`` and ``startup_s``.
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -319,9 +323,7 @@ def start_s3_server(
         # Every listener gets a chosen port (defaults like 9333/8888/23646 would
         # collide between parallel runs); iceberg/lance/webdav are disabled.
         # The admin component still runs (its UI is off); it backs the worker.
-        ports: dict[str, tuple[int, int]] = {
-            c: _free_port_with_grpc(taken) for c in ("s3", "master", "volume", "filer", "admin")
-        }
+        ports = ports or {c: _free_port_with_grpc(taken) for c in ("s3", "master", "volume", "filer", "admin")}
         cmd = [
             exe, "mini",
             f"-dir={data}",
@@ -341,7 +343,8 @@ def start_s3_server(
         all_ports = tuple(p for pair in ports.values() for p in pair)
         log_path = workdir / "s3-seaweedfs.log"
     elif kind == "moto":
-        s3_port = free_port()
+        s3_port = ports["s3"][0] if ports else free_port()
+        ports = {"s3": (s3_port, 0)}
         cmd = _moto_cmd() + ["-H", HOST, "-p", str(s3_port)]
         all_ports = (s3_port,)
         log_path = workdir / "s3-moto.log"
@@ -352,7 +355,7 @@ def start_s3_server(
     proc = _spawn(f"s3-{kind}", cmd, env, workdir, log_path)
     svc = Service(
         name=f"s3-{kind}", url=url, proc=proc, log_path=log_path, kind=kind, ports=all_ports,
-        info={"access_key": access_key, "secret_key": secret_key},
+        info={"access_key": access_key, "secret_key": secret_key, "ports": ports},
     )
 
     client = s3_client(url, access_key, secret_key, connect_timeout=1, read_timeout=3,
