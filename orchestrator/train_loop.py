@@ -116,13 +116,16 @@ def checkpoint_and_report(w: Worker, metrics: dict, state: tarflow.TrainState, s
     w.checkpoint_seconds = time.perf_counter() - started
 
 
-def heed_preemption(w: Worker, state: tarflow.TrainState, epoch: int, since_report: Window) -> bool:
+def heed_preemption(w: Worker, state: tarflow.TrainState, epoch: int, since_report: Window) -> bool | None:
     """On every rank at the same steps (Ray's notice is a barrier): when a node of the run is to be preempted,
     checkpoint now, uploaded before the deadline, and train on; at the deadline Ray Train restarts the group from
-    it, against cluster.max_preemption_failures. Returns whether a notice came."""
+    it, against cluster.max_preemption_failures. Returns whether a notice came; None when the run's lease turned
+    out lost (no checkpoint written)."""
     notice = ray.train.get_preemption_info()
     if notice is None:
         return False
+    if not lease_kept(w, state.step):
+        return None
     left = notice.deadline_ms / 1000 - time.time() if notice.deadline_ms else float("inf")
     if w.rank == 0:
         late = left < w.checkpoint_seconds
@@ -308,6 +311,8 @@ def train(w: Worker, state: tarflow.TrainState, train_set, steps_per_epoch: int,
                 since_report = Window()
             elif every_notice and state.step % every_notice == 0 and not noticed:
                 noticed = heed_preemption(w, state, epoch, since_report)
+                if noticed is None:  # taken over by another launch meanwhile: nothing more is written
+                    return False
             if state.step >= total_steps:
                 break
     return True
