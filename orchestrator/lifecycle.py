@@ -135,6 +135,15 @@ def catch_up_experiment(storage: RunStorage, experiment: str, tracker: Tracker) 
 # Training and evaluating
 
 
+def on_this_node(actor_class):
+    """An actor class pinned to the driver's node: it must outlive the workers' nodes (an elastic run loses some,
+    and a worker that asks a dead board fails every restart), and it goes with the driver anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return actor_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+
+
 def explain_failure(e: Exception, plan: RunPlan, storage: RunStorage, last_checkpoint: str | None) -> Exception:
     """A failed fit as one paragraph where the cause is known; the exception itself otherwise."""
     if RESUME_FAILED in str(e):  # raised in a worker, it reaches us wrapped by Ray: keep its one line
@@ -191,7 +200,7 @@ def fit_training(plan: RunPlan, run: RunDir, tracker: Tracker, run_id: str, eval
     step."""
     init = dataclasses.asdict(find_weights(plan.cfg.model.init_from, run.storage)) if plan.cfg.model.init_from \
         else None
-    board = RunBoard.remote(earlier_attempts(tracker, run_id))
+    board = on_this_node(RunBoard).remote(earlier_attempts(tracker, run_id))
     loop_config = {"cfg": OmegaConf.to_container(plan.cfg, resolve=True), "source": plan.source,
                    "tracking_uri": tracker.uri, "mlflow_run_id": run_id, "resolved_config": redacted(plan.cfg),
                    "resume_from": resume_from, "board": board, "init_from": init, "evaluations": list(evaluations)}

@@ -344,6 +344,15 @@ def test_storage_is_the_record_of_truth_corrupt_checkpoints_and_wiped_runs(tmp_p
     assert new.info.run_id in table and old.info.run_id not in table
 
 
+def two_worker_nodes(cluster):
+    """The module's cluster with its two 1-CPU worker nodes (a test that removes one gives it back, but not if
+    it fails half-way)."""
+    while len(cluster.worker_nodes) < 2:
+        cluster.add_node(num_cpus=1, object_store_memory=100_000_000)
+    cluster.wait_for_nodes()
+    return cluster
+
+
 def registered_checkpoint(store: Path) -> int:
     """The step of the latest checkpoint Ray Train has registered for the run in store (what a restarted
     worker group resumes from); -1 before the first."""
@@ -364,7 +373,7 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back(tmp_path, ray
     (1 vs 2 workers after 400 steps: 8e-2 apart at lr 1e-4, 3e-7 at 2e-5)."""
     import tarflow
 
-    cluster = ray_cluster_nodes
+    cluster = two_worker_nodes(ray_cluster_nodes)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [TABLE2, *TEST, "model.arch=4-128-2-2", "train.lr=2e-5", "train.steps=1000", "train.checkpoint_every=100",
             "train.log_every=50", "eval.num_samples=0", "eval.bpd=false", "storage.async_upload=false",
@@ -418,7 +427,7 @@ def test_a_preempted_node_is_checkpointed_before_its_deadline_and_costs_no_failu
     """A node drained for preemption with a deadline (what infra/ray/spot-notice.sh does with EC2's notice): the
     run checkpoints before the deadline, off its checkpoint_every schedule, and the restart that follows counts
     against cluster.max_preemption_failures: with max_failures=0 the run still ends with exit 0."""
-    cluster = ray_cluster_nodes
+    cluster = two_worker_nodes(ray_cluster_nodes)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     store = tmp_path / "store"
     args = [TABLE2, *TEST, "model.arch=4-128-2-2", "train.steps=600", "train.checkpoint_every=100",
