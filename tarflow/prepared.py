@@ -285,9 +285,9 @@ class PreparedDataset(ImageDataset):
 
 
 def check_request(cfg, manifest: dict | None = None) -> dict:
-    """{"channels", "image_size", "num_classes"} of the prepared data a DataConfig names, from its manifest
-    (read from cfg.root unless given), after checking that the config asks for what the data holds (it is
-    not resized when read)."""
+    """{"channels", "image_size", "num_classes", "train_images" (data.limit applied)} of the prepared data a
+    DataConfig names, from its manifest (read from cfg.root unless given), after checking that the config asks
+    for what the data holds (it is not resized when read)."""
     if manifest is None:
         if str(cfg.root).startswith("s3://"):
             raise ConfigError(f"prepared: {cfg.root} is in S3; training reads a node-local copy, made once per "
@@ -300,5 +300,6 @@ def check_request(cfg, manifest: dict | None = None) -> dict:
             raise ConfigError(f"prepared: {cfg.root} holds images with {key}={have}, the config asks for {want}; "
                               f"set data.{key}={have} or prepare the source again with --{key.replace('_', '-')} "
                               f"{want} into another destination")
+    train = sum(shard["count"] for shard in manifest["splits"]["train"]["shards"])
     return {"channels": channels, "image_size": size, "num_classes": len(manifest["classes"]),
-            "train_images": sum(shard["count"] for shard in manifest["splits"]["train"]["shards"])}
+            "train_images": min(train, cfg.limit) if cfg.limit else train}

@@ -69,6 +69,15 @@ def write_prepared(root: Path, counts: dict[str, list[int]], shape=(3, 4, 4), se
 # The format and PreparedDataset (fast)
 
 
+def test_the_driver_counts_a_limited_prepared_set_as_the_workers_load_it(tmp_path):
+    """data.limit caps the training images the driver plans with (the check that a global batch fits in the data
+    reads this count), as it caps what the workers load."""
+    write_prepared(tmp_path, {"train": [30, 40], "val": [4]})
+    cfg = DataConfig(name="prepared", root=str(tmp_path), flip=False, limit=20)
+    assert len(load_dataset(cfg)) == 20
+    assert data_info(cfg)["train_images"] == 20 and dataset_info(cfg)["train_images"] == 20
+
+
 def test_prepared_dataset_maps_indices_over_uneven_shards(tmp_path):
     arrays = write_prepared(tmp_path, {"train": [3, 0, 5, 2], "val": [4]})
     train = load_dataset(DataConfig(name="prepared", root=str(tmp_path), flip=False))
