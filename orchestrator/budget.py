@@ -17,7 +17,7 @@ import pandas as pd
 
 from tarflow.memory import GiB
 
-from .cost import Bill, CheckpointBill, checkpoint_bill, estimate_bill, size_text
+from .cost import Bill, CheckpointBill, checkpoint_bills, estimate_bill, size_text
 from .gpu_memory import MemoryEstimate, estimate_memory
 from .lifecycle import load_experiment
 from .plan import RunPlan
@@ -47,9 +47,8 @@ def budget_rows(experiments: list[str], overrides: list[str]) -> list[BudgetRow]
         plan, _, _ = load_experiment(path, overrides, require_data=False)
         sweep = sweep_of(plan, require_data=False)
         bill = estimate_bill(plan, sweep)
-        pairs = [(c.plan, c) for c in bill.costs] if bill else [(plan, None)]
         rows.append(BudgetRow(Path(path).stem, plan, bill, estimate_memory(plan, sweep),
-                              [checkpoint_bill(p, c) for p, c in pairs]))
+                              checkpoint_bills(plan, sweep, bill)))
     return rows
 
 

@@ -334,6 +334,14 @@ def describe_checkpoints(bills: list[CheckpointBill], training: bool = True) -> 
     return "\n".join(lines)
 
 
+def checkpoint_bills(plan: RunPlan, sweep, bill: Bill | None) -> list[CheckpointBill]:
+    """The checkpoint bill of every run that trains (a sweep's trials), with its share of training time when the
+    bill knows how long each trains."""
+    if bill is not None:
+        return [checkpoint_bill(c.plan, c) for c in bill.costs]
+    return [checkpoint_bill(p, None) for p in (trial_plans(sweep) if sweep else [plan])]
+
+
 def checkpoint_share_text(b: CheckpointBill) -> str:
     text = f"{b.share:.1%} of training time"
     if b.falls_behind:
@@ -358,6 +366,5 @@ def size_text(n: int) -> str:
 def describe_bill(plan: RunPlan, sweep=None) -> str:
     """The dry run's cost and checkpoint sections."""
     bill = estimate_bill(plan, sweep)
-    pairs = [(c.plan, c) for c in bill.costs] if bill else [(plan, None)]
-    checkpoints = [checkpoint_bill(p, c) for p, c in pairs]
-    return describe_cost(plan, sweep, bill) + "\n" + describe_checkpoints(checkpoints, plan.cfg.train.steps != 0)
+    return (describe_cost(plan, sweep, bill) + "\n"
+            + describe_checkpoints(checkpoint_bills(plan, sweep, bill), plan.cfg.train.steps != 0))

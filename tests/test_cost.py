@@ -225,6 +225,15 @@ def test_a_sweep_costs_every_trial_at_its_own_config():
     assert row.bill.gpu_hours == pytest.approx(sum(by_trial))
 
 
+def test_a_sweep_of_unknown_length_still_counts_and_sizes_every_trial():
+    depth = EXPERIMENTS / "sweep_patch_depth.yaml"
+    [row] = budget_rows([str(depth)], ["data.train_images=null"])
+    assert row.bill is None  # no length: no GPU-hours, but the trials are known
+    assert budget_mod.runs_cell(row).startswith("4 trials"), budget_mod.runs_cell(row)
+    known = budget_rows([str(depth)], [])[0]
+    assert sorted(b.size_bytes for b in row.checkpoints) == sorted(b.size_bytes for b in known.checkpoints)
+
+
 def test_several_experiments_are_read_together_only_for_the_budget(tmp_path):
     r = run_main(run_mod.main, [TABLE2, EXPERIMENTS / "afhq256.yaml"], tmp_path)
     assert r.returncode == 2 and "--dry-run" in r.stderr
