@@ -42,7 +42,7 @@ from tarflow.model import ConfigError
 from tarflow.prepared import MANIFEST, check_request, load_manifest, parse_manifest, sha256_file, verify
 
 from .errors import ExperimentError
-from .storage import RunStorage, file_lock
+from .storage import RunStorage, file_lock, write_atomic
 
 log = logging.getLogger(__name__)
 STAMPS = ".stamps.json"
@@ -110,8 +110,8 @@ def sync_prepared(root: str, endpoint_url: str | None = None, cache_dir: str | N
                                                                       store), todo)):
                     stamps[rel] = stamp
         _remove_stale(local, manifest)
-        _write_atomic(local / STAMPS, json.dumps(stamps).encode())
-        _write_atomic(local / MANIFEST, raw)
+        write_atomic(local / STAMPS, json.dumps(stamps).encode())
+        write_atomic(local / MANIFEST, raw)
     return CacheSync(str(local), todo, needed, time.perf_counter() - t0)
 
 
@@ -171,12 +171,12 @@ def _check_local(root: str) -> str:
             raise _incomplete(root, None)
         raise _absent(root, None)
     try:
-        load_manifest(path)
+        manifest = load_manifest(path)
     except ConfigError as e:
         raise ManifestRefused(f"{e}; prepare it again (`python -m orchestrator.prepare SOURCE {root} ...` after "
                               f"deleting the bad {MANIFEST})") from None
     try:
-        verify(path, checksums=False)
+        verify(path, checksums=False, manifest=manifest)
     except ConfigError as e:
         raise ExperimentError(f"{e}; prepare it again (`python -m orchestrator.prepare SOURCE {root} ...` remakes "
                               f"what does not match once {MANIFEST} is deleted)") from None
@@ -265,8 +265,3 @@ def _remove_stale(local: Path, manifest: dict) -> None:
         if path.is_file() and path.relative_to(local).as_posix() not in keep:
             path.unlink(missing_ok=True)
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -186,9 +186,7 @@ class RunStorage:
             if (version is None and current is not None) or (
                     version is not None and (current is None or hashlib.sha256(current).hexdigest() != version)):
                 return False
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
         return True
 
     def honours_conditional_writes(self, probe: str) -> bool:
@@ -216,22 +214,15 @@ class RunStorage:
         return fs, posixpath.join(root, *parts)
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
-        """Whole or not at all: a local file is written beside its place and renamed (a crash mid-write leaves
-        the old one); an S3 object appears only once its upload completes."""
+        """Whole or not at all: a local file by write_atomic; an S3 object appears only once its upload
+        completes."""
         fs, path = self._path(relpath)
         fs.create_dir(posixpath.dirname(path), recursive=True)
         if self.is_s3:
             with fs.open_output_stream(path) as f:
                 f.write(data)
             return
-        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(Path(path), data)
 
     def write_text(self, relpath: str, text: str) -> None:
         self.write_bytes(relpath, text.encode())
@@ -384,6 +375,19 @@ def file_lock(path: Path, waiting: str | None = None):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """A local file whole or not at all: written beside its place and renamed (a crash mid-write leaves the old
+    one, and a reader never sees half of it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _writable(path: Path) -> bool:

@@ -181,11 +181,11 @@ def load_manifest(root: str | os.PathLike) -> dict:
 # Verification
 
 
-def verify(root: str | os.PathLike, checksums: bool = True) -> dict:
-    """The manifest, after checking that every data file it lists is present with its size (and, with
-    checksums=True, its sha256); ConfigError naming the files that are not."""
+def verify(root: str | os.PathLike, checksums: bool = True, manifest: dict | None = None) -> dict:
+    """The manifest (given, when the caller already loaded it), after checking that every data file it lists is
+    present with its size (and, with checksums=True, its sha256); ConfigError naming the files that are not."""
     root = Path(root)
-    manifest = load_manifest(root)
+    manifest = manifest if manifest is not None else load_manifest(root)
     bad = []
     for rel, rec in manifest["files"].items():
         path = root / rel
