@@ -386,10 +386,15 @@ def check_storage_keys(cfg: DictConfig, source: str) -> None:
             raise ExperimentError(f"{source}: {e}") from None
 
 
+def min_workers(cfg: DictConfig) -> int:
+    """The smallest world size a run may train at: cluster.min_workers for an elastic run, else num_workers."""
+    c = cfg.cluster
+    return c.min_workers if c.min_workers is not None else c.num_workers
+
+
 def check_elastic(cfg: DictConfig, source: str) -> None:
     """An elastic run's range of world sizes, and a failure budget a lost node can use."""
-    c = cfg.cluster
-    low = c.min_workers if c.min_workers is not None else c.num_workers
+    c, low = cfg.cluster, min_workers(cfg)
     if low > c.num_workers:
         raise ExperimentError(f"{source}: cluster.min_workers={low} is above cluster.num_workers={c.num_workers}: an "
                               "elastic run trains on between min_workers and num_workers workers")

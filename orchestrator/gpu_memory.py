@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from tarflow.memory import CUDA_OVERHEAD_BYTES, FitOption, FitPlan, GiB, plan_fit, training_memory
 
-from .config import with_values
+from .config import min_workers, with_values
 from .errors import ExperimentError
-from .plan import RunPlan, min_workers, plan_run, train_config
+from .plan import RunPlan, plan_run, train_config
 
 HEADROOM = 0.9
 # training_memory's keys as the dry run names them, in the order it prints them

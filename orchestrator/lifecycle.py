@@ -184,8 +184,7 @@ def train_evaluate_and_record(plan: RunPlan, run: RunDir, tracker: Tracker, run_
     actions = ([{"kind": "tags", "run_id": run_id, "values": {EVAL_KEY_TAG: own[0]["key"]}}] if own else [])
     actions += [{"kind": "status", "run_id": e["run_id"], "status": "FINISHED"} for e in [*evaluations]]
     actions += [{"kind": "status", "run_id": run_id, "status": "FINISHED"}]
-    if lease is not None and not lease.still_ours():
-        raise lease_lost(plan, lease)
+    raise_if_taken_over(plan, lease)
     record["tracking_behind"] = not run.backlog.deliver_or_keep(tracker, actions)
     run.write_result(record)
     if record["tracking_behind"]:
@@ -210,10 +209,9 @@ def fit_training(plan: RunPlan, run: RunDir, tracker: Tracker, run_id: str, eval
     watched = lease.watched(board.lease_held.remote, board.lease_lost.remote) if lease else nullcontext()
     try:
         with watched, printer:
-            result = fit(trainer, plan.cfg)
+            result = fit(trainer)
     except Exception as e:
-        if lease is not None and not lease.still_ours():  # the MLflow run is the other launch's: nothing recorded
-            raise lease_lost(plan, lease) from None
+        raise_if_taken_over(plan, lease)  # the MLflow run is the other launch's: nothing recorded
         failure = explain_failure(e, plan, run.storage, printer.last_checkpoint)
         run.backlog.deliver_or_keep(tracker, [
             {"kind": "tags", "run_id": run_id, "values": {FAILURE_TAG: str(failure)[:4000]}},
@@ -223,8 +221,7 @@ def fit_training(plan: RunPlan, run: RunDir, tracker: Tracker, run_id: str, eval
         raise failure from None
     finally:
         ray.kill(board)
-    if lease is not None and not lease.still_ours():
-        raise lease_lost(plan, lease)
+    raise_if_taken_over(plan, lease)
     return result.metrics.get("step")
 
 
@@ -236,14 +233,17 @@ def earlier_attempts(tracker: Tracker, run_id: str) -> list[dict]:
         return []
 
 
-def lease_lost(plan: RunPlan, lease: RunLease) -> RunFailed:
-    return RunFailed(
+def raise_if_taken_over(plan: RunPlan, lease: RunLease | None) -> None:
+    """Once another launch took the run over, this one ends here, in one paragraph."""
+    if lease is None or lease.still_ours():
+        return
+    raise RunFailed(
         f"the run {plan.run_name} was taken over by another launch ({lease.lost}): this launch's driver had not "
         f"renewed the run's lease ({lease.rundir.describe(LEASE_FILE)}) for longer than its {lease.ttl:.0f} s "
         "(the driver frozen or suspended, or cut off from the storage). That launch drives the run now, from its "
         "latest checkpoint and in the same MLflow run; this one stopped without writing more to either, so no "
         "step is lost or counted twice. Watch the other launch, or stop it and rerun this command to drive the "
-        "run from here.")
+        "run from here.") from None
 
 
 def run_experiment(plan: RunPlan, storage: RunStorage, tracking_uri: str, set_aside_corrupt: bool = False) -> dict:

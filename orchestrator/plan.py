@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from tarflow import ConfigError, TarFlowConfig, TrainConfig
 from tarflow.data import DataConfig
 
+from .config import min_workers
 from .datacache import ManifestRefused, data_info
 from .errors import ExperimentError
 from .rundir import run_dir_name
@@ -172,12 +173,6 @@ def plan_run(cfg: DictConfig, source: str = "config", require_data: bool = True)
                    display_name=cfg.tracking.run_name or f"{cfg.experiment.name}/{arch_name(model)}/{noise}",
                    per_worker_batch=-(-cfg.train.batch_size // min_workers(cfg)),
                    data_present=not info.get("absent"))
-
-
-def min_workers(cfg: DictConfig) -> int:
-    """The smallest world size a run may train at: cluster.min_workers for an elastic run, else num_workers."""
-    c = cfg.cluster
-    return c.min_workers if c.min_workers is not None else c.num_workers
 
 
 def data_facts(cfg: DictConfig, data: DataConfig, source: str, require_data: bool) -> dict:

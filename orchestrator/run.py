@@ -12,14 +12,14 @@ import argparse
 import sys
 
 from .budget import describe_budget, split_experiments
-from .config import redact_uri, redacted_yaml
+from .config import min_workers, redact_uri, redacted_yaml
 from .cost import describe_bill
 from .delivery import quick_failing_http
 from .errors import ExperimentError, cli_entry
 from .gpu_memory import check_launch, describe_memory, estimate_memory
 from .lifecycle import load_experiment, run_experiment
 from .periodic import describe_watching
-from .plan import RunPlan, min_workers
+from .plan import RunPlan
 from .storage import RunStorage
 from .summary import run_summary
 from .sweep import describe_sweep, run_sweep, sweep_of

@@ -8,6 +8,7 @@ and unfinished ones resume their Ray Train run from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import posixpath
@@ -269,9 +270,7 @@ def sweep_to_end(sweep: SweepPlan, storage: RunStorage, tracking_uri: str) -> pd
         "parent_run_id": parent_id, "sweep_name": sweep.name, "sample_settings": sweep.sample_settings,
         "verbose": trainer.VERBOSE,
     }
-    secrets = {"tracking_uri": tracking_uri, "config": credentials(cfg),
-               "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url,
-                           "retry_seconds": storage.retry_seconds}}
+    secrets = {"tracking_uri": tracking_uri, "config": credentials(cfg), "storage": dataclasses.asdict(storage)}
     grid = tuner_of(sweep, storage, param_space, secrets).fit()
     errored = {trial_id_of(r) for r in grid if r.error is not None}
     catch_up_evaluations(sweep, storage, tracker, param_space, secrets)

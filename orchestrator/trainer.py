@@ -3,6 +3,7 @@ TorchTrainer on the workers."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -12,6 +13,7 @@ import ray.train.torch
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from .config import min_workers
 from .errors import ExperimentError
 from .progress import quiet_ray_train_logs
 from .storage import RunStorage
@@ -68,7 +70,7 @@ def scaling_config(cfg) -> ray.train.ScalingConfig:
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
         resources["GPU"] = c.gpus_per_worker
-    low = c.min_workers if c.min_workers is not None else c.num_workers
+    low = min_workers(cfg)
     return ray.train.ScalingConfig(num_workers=c.num_workers if low == c.num_workers else (low, c.num_workers),
                                    use_gpu=c.use_gpu, resources_per_worker=resources,
                                    elastic_resize_monitor_interval_s=c.resize_interval_s)
@@ -78,21 +80,19 @@ def torch_trainer(loop, loop_config: dict, cfg, storage: RunStorage, name: str, 
                   callbacks=()) -> TorchTrainer:
     """A TorchTrainer running `loop` on cfg's workers, its Ray Train state in `storage`/`name` (the same name
     again resumes it). loop_config gets the storage and Ray Train's verbosity added."""
+    if cfg.cluster.worker_group_start_timeout_s:  # Train's controller reads it when it starts, in fit()
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.worker_group_start_timeout_s)
     return TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "verbose": VERBOSE,
-                           "storage": {"uri": storage.uri, "endpoint_url": storage.endpoint_url,
-                                       "retry_seconds": storage.retry_seconds}},
+        train_loop_config={**loop_config, "verbose": VERBOSE, "storage": dataclasses.asdict(storage)},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=run_config(cfg, storage, name, max_failures, callbacks),
     )
 
 
-def fit(trainer: TorchTrainer, cfg=None):
+def fit(trainer: TorchTrainer):
     """Run a trainer to its end; its error (Ray returns it in the result) is raised here."""
-    if cfg is not None and cfg.cluster.worker_group_start_timeout_s:  # Train's controller reads it when it starts
-        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.worker_group_start_timeout_s)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
