@@ -151,7 +151,7 @@ class RunLease:
         """Read back: ours only if the stored record names this launch (an endpoint that ignores conditions
         lets two creates succeed)."""
         current = self.read()
-        if current is None or current[0].get("owner") != self.owner:
+        if not self._ours(current):
             raise LeaseHeld(self.describe_holder(current[0] if current else None))
         self.confirmed = started
         self._thread = threading.Thread(target=self._renew, name="run-lease", daemon=True)
@@ -184,13 +184,13 @@ class RunLease:
         """One renewal, checked before and after the write; False once the lease is lost (the watchers are told)."""
         started = self.clock()
         current = self.read()
-        if current is None or current[0].get("owner") != self.owner:
-            return self._lose(current[0] if current else None)
+        if not self._ours(current):
+            return self._lose(current)
         self.beat += 1
         self.storage.replace_if_version(self.relpath, self.record(), current[1])
         current = self.read()
-        if current is None or current[0].get("owner") != self.owner:
-            return self._lose(current[0] if current else None)
+        if not self._ours(current):
+            return self._lose(current)
         if current[0].get("beat") == self.beat:
             self.confirmed = started
             self._tell(0)
@@ -210,14 +210,18 @@ class RunLease:
             current = self.read()
         except Exception:
             return True
-        if current is not None and current[0].get("owner") == self.owner:
+        if self._ours(current):
             return True
-        return self._lose(current[0] if current else None)
+        return self._lose(current)
 
-    def _lose(self, held: dict | None) -> bool:
+    def _ours(self, current: tuple[dict, str] | None) -> bool:
+        """Whether a read of the lease (record, version) names this launch."""
+        return current is not None and current[0].get("owner") == self.owner
+
+    def _lose(self, current: tuple[dict, str] | None) -> bool:
         if self.lost:
             return False
-        self.lost = holder(held)
+        self.lost = holder(current[0] if current else None)
         print(f"[orchestrator] the lease of {self.relpath} was taken over by another launch ({self.lost})",
               flush=True)
         self._tell(1)
@@ -257,7 +261,7 @@ class RunLease:
         if self.confirmed is not None and not self.lost:
             try:
                 current = self.read()
-                if current is not None and current[0].get("owner") == self.owner:
+                if self._ours(current):
                     self.storage.delete(self.relpath)
             except Exception:  # an unreleased lease goes stale on its own
                 pass

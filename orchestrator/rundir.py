@@ -38,6 +38,7 @@ RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
 LEASE_FILE = "lease.json"
 FINAL_FILE = "final_metrics.json"
+EVALUATED_FILE = "evaluated-{run_id}.json"
 SAMPLES_FILE = "samples.npz"  # arr_0: uint8 (N, H, W, C), arr_1: int64 labels of a conditional model (ADM's layout)
 GRID_FILE = "grid.png"
 SAMPLES_DIR = "samples"
@@ -143,10 +144,10 @@ class RunDir:
         self.storage.write_text(self.path(FINAL_FILE), json.dumps(final))
 
     def read_evaluation(self, run_id: str) -> dict | None:
-        return self.storage.read_json(self.path(f"evaluated-{run_id}.json"))
+        return self.storage.read_json(self.path(EVALUATED_FILE.format(run_id=run_id)))
 
     def write_evaluation(self, run_id: str, metrics: dict) -> None:
-        self.storage.write_text(self.path(f"evaluated-{run_id}.json"), json.dumps(metrics))
+        self.storage.write_text(self.path(EVALUATED_FILE.format(run_id=run_id)), json.dumps(metrics))
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import ray.train
@@ -50,25 +51,25 @@ class Worker:
     world: int
     device: torch.device
     storage: RunStorage
-
-    @property
-    def run(self) -> RunDir:
-        return RunDir(self.storage, self.plan.run_name)
-
-    @property
-    def positions(self) -> torch.Tensor:
-        """This rank's positions in every step's global batch."""
-        return rank_share(self.cfg.train.batch_size, self.rank, self.world)
-
-    @property
-    def share(self) -> int:
-        return len(self.positions)
     board: object = None             # the driver's RunBoard actor (progress lines, the lease, attempts), if any
     logger: RunLogger | None = None  # rank 0 only
     nodes: list = field(default_factory=list)  # the Ray node id of every rank
     last_logged: dict = field(default_factory=dict)
     checkpoint_seconds: float = 0.0  # rank 0: how long the last checkpoint took to write (and upload, when sync)
     reported_loss: float = float("nan")  # the mean loss of the last checkpoint's window, all ranks
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.storage, self.plan.run_name)
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        """This rank's positions in every step's global batch (the same at every step)."""
+        return rank_share(self.cfg.train.batch_size, self.rank, self.world)
+
+    @property
+    def share(self) -> int:
+        return len(self.positions)
 
 
 def rank_share(global_batch: int, rank: int, world: int) -> torch.Tensor:
@@ -184,7 +185,7 @@ def resume(w: Worker, state: tarflow.TrainState, chosen: str | None, init: dict 
         weights = load_weights(WeightsSource(**init), state.model.config)
         state.model.load_state_dict(weights.model)
         if state.ema is not None:
-            state.ema.load_state_dict(weights.ema if weights.ema is not None else weights.model)
+            state.ema.load_state_dict(weights.best())
     return False, []
 
 
@@ -344,8 +345,7 @@ def finish_tracking(w: Worker, final: dict, evaluations: dict, step: int, timeou
     return len(pending)
 
 
-def stop_writing(monitor) -> None:
-    """The end of workers whose run another launch took over: their driver says why (lifecycle.py)."""
+def stop_monitor(monitor) -> None:
     if monitor is not None:
         monitor.finish()
 
@@ -370,7 +370,7 @@ def train_loop_per_worker(config: dict) -> None:
     fid = FIDContext(w.cfg, w.plan, w.storage, w.rank, w.world, w.device)  # built on first use
     periodic = start_periodic(w.cfg, w.plan, w.device, w.rank, w.world, fid)
     if not train(w, state, train_set, steps_per_epoch, total_steps, periodic):
-        return stop_writing(monitor)
+        return stop_monitor(monitor)  # another launch took the run over: its driver says why (lifecycle.py)
 
     model = state.ema if state.ema is not None else state.model
     settings = config.get("evaluations") or []
@@ -383,10 +383,9 @@ def train_loop_per_worker(config: dict) -> None:
     evaluated = evaluate_settings(model, w.cfg, w.plan, settings, state.step, w.device, w.rank, w.world,
                                   config["tracking_uri"], fid)
     if not lease_kept(w, state.step):
-        return stop_writing(monitor)
+        return stop_monitor(monitor)
     pending = finish_tracking(w, final, evaluated, state.step)
-    if monitor is not None:
-        monitor.finish()
+    stop_monitor(monitor)
     # the loss too, since a sweep's scheduler needs its metric in every report
     ray.train.report({"step": state.step, "loss": w.reported_loss, **final,
                       "tracking_pending": pending})
