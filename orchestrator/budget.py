@@ -17,7 +17,7 @@ import pandas as pd
 
 from tarflow.memory import GiB
 
-from .cost import Bill, CheckpointBill, checkpoint_bills, estimate_bill, size_text
+from .cost import Bill, CheckpointBill, checkpoint_bills, costliest, estimate_bill, size_text
 from .gpu_memory import MemoryEstimate, estimate_memory
 from .lifecycle import load_experiment
 from .plan import RunPlan
@@ -63,7 +63,7 @@ def memory_cell(memory: list[MemoryEstimate]) -> str:
 
 
 def checkpoint_cell(row: BudgetRow) -> str:
-    worst = max(row.checkpoints, key=lambda b: (b.share, b.size_bytes))
+    worst = costliest(row.checkpoints)
     size = size_text(worst.size_bytes)
     if row.plan.cfg.train.steps == 0:
         return f"{size}, written once"

@@ -90,26 +90,22 @@ class Cost:
     def step_seconds(self) -> float:
         return self.plan.cfg.train.batch_size / self.images_per_sec if self.gpus else 0.0
 
-    @property
-    def steps(self) -> int:
-        return self.images // self.plan.cfg.train.batch_size
 
-
-def training_steps(cfg, train_size: int | None = None) -> int | None:
+def training_steps(cfg) -> int | None:
     """Optimizer steps of a run; None when the training-set size is unknown (data absent, data.train_images
     unset) and train.steps does not say."""
-    size = train_size or cfg.data.train_images
+    size = cfg.data.train_images
     if cfg.train.steps is None and not size:
         return None
     return schedule(cfg, size or 1)[1]
 
 
-def estimate_cost(plan: RunPlan, precision: str | None = None, train_size: int | None = None) -> Cost | None:
+def estimate_cost(plan: RunPlan, precision: str | None = None) -> Cost | None:
     """One config's training cost; None when its length is unknown. precision: another than the run's own (a
     faster alternative), costed from the FLOPs: a measured throughput holds for the precision it was measured in
     only (on an H200 fp32 ran at 69% of its peak, bf16 and TF32 at 25-39% of theirs: benchmarks/README.md)."""
     cfg = plan.cfg
-    steps = training_steps(cfg, train_size)
+    steps = training_steps(cfg)
     if steps is None:
         return None
     c = cfg.cluster
@@ -165,6 +161,10 @@ class Bill:
     def precision(self) -> str:
         return self.costs[0].precision
 
+    def at(self, precision: str) -> Bill:
+        """The same runs at another precision."""
+        return Bill([estimate_cost(c.plan, precision) for c in self.costs], self.concurrent, self.price_per_gpu_hour)
+
 
 def trial_plans(sweep) -> list[RunPlan]:
     """The config of every trial a sweep trains: each combination of its grid axes, sweep.num_samples times
@@ -179,9 +179,9 @@ def trial_plans(sweep) -> list[RunPlan]:
     return plans * base.cfg.sweep.num_samples
 
 
-def estimate_bill(plan: RunPlan, sweep=None, precision: str | None = None) -> Bill | None:
+def estimate_bill(plan: RunPlan, sweep=None) -> Bill | None:
     """An experiment's training cost (a sweep: every trial at its own config); None when a length is unknown."""
-    costs = [estimate_cost(p, precision) for p in (trial_plans(sweep) if sweep else [plan])]
+    costs = [estimate_cost(p) for p in (trial_plans(sweep) if sweep else [plan])]
     if any(c is None for c in costs):
         return None
     concurrent = (plan.cfg.sweep.max_concurrent or 1) if sweep else 1
@@ -216,7 +216,7 @@ def describe_cost(plan: RunPlan, sweep=None, bill: Bill | None = None) -> str:
              f"{at_once}, in {first.precision}{price} ({first.images:,} images per {'run' if runs == 1 else 'trial'} "
              f"at {first.images_per_sec:,.0f} images/s{'' if runs == 1 else ' for the first'}; throughput from "
              f"{first.source})"]
-    faster = [(p, estimate_bill(plan, sweep, precision=p)) for p in faster_precisions(plan)]
+    faster = [(p, bill.at(p)) for p in faster_precisions(plan)]
     if faster:
         own = "fp32 without TF32" if first.precision == "fp32" else "fp32 with TF32 matmuls"
         lines.append(f"            {own}, as configured; faster, with other numerics (paste as overrides):")
@@ -311,7 +311,7 @@ def checkpoint_bill(plan: RunPlan, cost: Cost | None) -> CheckpointBill:
 
 def describe_checkpoints(bills: list[CheckpointBill], training: bool = True) -> str:
     """The checkpoint bill of a run, or of a sweep's costliest trial."""
-    b = max(bills, key=lambda x: (x.share, x.size_bytes))
+    b = costliest(bills)
     p = {k: size_text(v) for k, v in b.parts.items()}
     which = " (the costliest trial)" if len(bills) > 1 else ""
     interval = f" ({b.interval_seconds / 3600:,.2f} h of training)" if b.interval_seconds else ""
@@ -340,6 +340,11 @@ def checkpoint_bills(plan: RunPlan, sweep, bill: Bill | None) -> list[Checkpoint
     if bill is not None:
         return [checkpoint_bill(c.plan, c) for c in bill.costs]
     return [checkpoint_bill(p, None) for p in (trial_plans(sweep) if sweep else [plan])]
+
+
+def costliest(bills: list[CheckpointBill]) -> CheckpointBill:
+    """The trial whose checkpoints cost the largest share of its training time (the largest, at a tie)."""
+    return max(bills, key=lambda b: (b.share, b.size_bytes))
 
 
 def checkpoint_share_text(b: CheckpointBill) -> str:
