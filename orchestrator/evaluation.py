@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tarflow.data import DataConfig, ImageDataset, load_dataset, to_uint8
 from tarflow.model import ConfigError
 from tarflow.prepared import sha256_file
 
+from .config import Sha256
 from .delivery import RunLogger
 from .errors import ExperimentError
 from .lineage import dataset_digest
@@ -130,7 +130,7 @@ def inception_weights_file(spec: str | None, storage, sha256: str | None = None)
     fetched again. tarflow.fid.load_inception_weights reads the file: tensors only, nothing in it runs."""
     if not spec:
         return None
-    if sha256 is not None and not SHA256.fullmatch(sha256):
+    if not Sha256().accepts(sha256):
         raise ExperimentError(f"eval.fid.inception_sha256 {sha256!r} is not a sha256 (64 lowercase hex digits)")
     cache = Path(os.environ.get("TARFLOW_CACHE", Path.home() / ".cache" / "tarflow"))
     if spec == "fid-helper":
@@ -152,11 +152,9 @@ def inception_weights_file(spec: str | None, storage, sha256: str | None = None)
     return str(path)
 
 
-SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _check_pin(path: Path, sha256: str | None, where: str) -> None:
-    if sha256 and (digest := sha256_file(path)) != sha256:
+def _check_pin(path: Path, sha256: str | None, where: str, digest: str | None = None) -> None:
+    """digest: the file's, when already computed."""
+    if sha256 and (digest := digest or sha256_file(path)) != sha256:
         raise ExperimentError(f"eval.fid.inception_weights {where}: its sha256 is {digest[:12]}…, "
                               f"eval.fid.inception_sha256 says {sha256[:12]}…: the file changed, or the pin is wrong")
 
@@ -176,8 +174,9 @@ def _fetched_weights(uri: str, sha256: str | None, endpoint_url: str | None, cac
         except FileNotFoundError:
             raise ExperimentError(f"eval.fid.inception_weights {uri} does not exist") from None
         try:
-            _check_pin(part, sha256, uri)
-            path = cache / f"inception-{sha256_file(part)}.pth"
+            digest = sha256_file(part)
+            _check_pin(part, sha256, uri, digest)
+            path = cache / f"inception-{digest}.pth"
             os.replace(part, path)
         finally:
             part.unlink(missing_ok=True)

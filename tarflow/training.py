@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .likelihood import dequantize
+from .likelihood import dequantize, dequantize_uniform
 from .model import ConfigError, TarFlow, TarFlowConfig, at_least_fp32
 from .randomness import sample_draws
 
@@ -90,8 +90,7 @@ def augment(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None
     """x in [−1, 1] from integer pixels -> the model's continuous input. noise: x-shaped draws, standard
     normal (cfg.noise "gaussian") or U[0, 1) ("uniform"); drawn here from generator when not given."""
     if cfg.noise == "uniform":
-        u = noise if noise is not None else torch.rand(x.shape, generator=generator, device=x.device)
-        return dequantize(x, u)
+        return dequantize(x, noise) if noise is not None else dequantize_uniform(x, generator)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x + cfg.noise_std * noise
