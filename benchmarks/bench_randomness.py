@@ -103,9 +103,10 @@ def relative_differences(a: dict, b: dict) -> str:
     """max |a − b| / max |b| per tensor: the largest, and the largest apart from the qkv biases, whose key
     part has an exactly zero gradient (softmax ignores a shift shared by all keys) that Adam turns from
     rounding noise into updates of up to ~lr."""
-    diffs = {k: ((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-30)).item() for k in a}
-    rest = max(v for k, v in diffs.items() if not k.endswith("qkv.bias"))
-    return f"{max(diffs.values()):.1e} ({rest:.1e} without qkv biases)"
+    from test_randomness import max_relative_difference
+
+    rest = max_relative_difference({k: v for k, v in a.items() if not k.endswith("qkv.bias")}, b)
+    return f"{max_relative_difference(a, b):.1e} ({rest:.1e} without qkv biases)"
 
 
 def equivalence(device: torch.device) -> None:

@@ -41,8 +41,8 @@ def timed_write(fs: pafs.FileSystem, path: str, data: bytes = b"x" * 1024) -> tu
         return time.monotonic() - started, " ".join(str(e).split())[:120]
 
 
-def gone_for_good(url: str, s3, attempts: list[int], repeats: int) -> None:
-    endpoint = url.split("://", 1)[1]
+def gone_for_good(s3, attempts: list[int], repeats: int) -> None:
+    endpoint = s3.url.split("://", 1)[1]
     s3.stop()
     print("1. endpoint gone for good (connection refused): seconds until a write fails")
     for name, strategy in (("standard", pafs.AwsStandardS3RetryStrategy), ("default", pafs.AwsDefaultS3RetryStrategy)):
@@ -102,7 +102,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         s3 = start_s3_server(Path(d) / "gone", kind="seaweedfs", access_key=KEY, secret_key=SECRET)
-        gone_for_good(s3.url, s3, [int(a) for a in args.attempts.split(",")], args.repeats)
+        gone_for_good(s3, [int(a) for a in args.attempts.split(",")], args.repeats)
         outage(Path(d), args.outage_s)
 
 

@@ -53,6 +53,22 @@ def loss_steps(client, run_id):
     return [m.step for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp)]
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "secret-k", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def s3_with_bucket(tmp_path, bucket, **server):
+    """An S3 server of the tests' credentials (S3_ENV) holding an empty bucket."""
+    s3 = start_s3_server(tmp_path / "s3", access_key="k", secret_key="secret-k", **server)
+    create_bucket(s3.url, bucket, "k", "secret-k")
+    return s3
+
+
+def stored(s3, bucket, part):
+    """Whether an object whose key contains part is in the bucket."""
+    listing = s3_client(s3.url, "k", "secret-k").list_objects_v2(Bucket=bucket)
+    return any(part in o["Key"] for o in listing.get("Contents", []))
+
+
 def test_mlflow_outage_never_stalls_training_and_every_step_arrives_once(tmp_path):
     server = start_mlflow_server(tmp_path / "mlflow")
     port = server.ports[0]
@@ -113,22 +129,15 @@ def test_mlflow_outage_never_stalls_training_and_every_step_arrives_once(tmp_pat
 
 
 def test_storage_gone_for_good_ends_in_one_paragraph(tmp_path):
-    s3 = start_s3_server(tmp_path / "s3", access_key="k", secret_key="secret-k")
-    create_bucket(s3.url, "gone", "k", "secret-k")
+    s3 = s3_with_bucket(tmp_path, "gone")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "secret-k", "AWS_DEFAULT_REGION": "us-east-1"}
     args = [TABLE2, *TEST, "train.steps=400", "train.checkpoint_every=20", "cluster.max_failures=1",
             "storage.uri=s3://gone/runs", f"storage.endpoint_url={s3.url}", f"tracking.uri={uri}",
             "experiment.name=gone", "storage.async_upload=false", "storage.retry_seconds=3"]  # not 3 min a try
     log = tmp_path / "gone.log"
-    proc = start(args, tmp_path, log, **env)
+    proc = start(args, tmp_path, log, **S3_ENV)
     try:
-        def has_checkpoint():
-            keys = [o["Key"] for o in s3_client(s3.url, "k", "secret-k").list_objects_v2(
-                Bucket="gone").get("Contents", [])]
-            return any("/checkpoint_00000040/state.pt.sha256" in k for k in keys)
-
-        wait_for(has_checkpoint, proc, log)
+        wait_for(lambda: stored(s3, "gone", "/checkpoint_00000040/state.pt.sha256"), proc, log)
     finally:
         s3.stop()
     code, out = finish(proc, log, timeout=900)
@@ -147,22 +156,15 @@ def test_a_storage_hiccup_during_a_checkpoint_upload_is_waited_out_in_place(tmp_
     """S3 stopped for 30 s right after a checkpoint, then back on the same port: the next upload waits for it
     (storage.retry_seconds) instead of failing in Ray's upload thread and restarting the workers from the last
     checkpoint (one of max_failures spent, the steps since trained twice)."""
-    s3 = start_s3_server(tmp_path / "s3", kind="seaweedfs", access_key="k", secret_key="secret-k")
-    create_bucket(s3.url, "hiccup", "k", "secret-k")
+    s3 = s3_with_bucket(tmp_path, "hiccup", kind="seaweedfs")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "secret-k", "AWS_DEFAULT_REGION": "us-east-1"}
     args = [TABLE2, *TEST, "train.steps=300", "train.log_every=10", "train.checkpoint_every=50",
             "cluster.max_failures=1", "storage.uri=s3://hiccup/runs", f"storage.endpoint_url={s3.url}",
             f"tracking.uri={uri}", "experiment.name=hiccup", "storage.async_upload=false"]
     log = tmp_path / "hiccup.log"
-    proc = start(args, tmp_path, log, **env)
+    proc = start(args, tmp_path, log, **S3_ENV)
     try:
-        def checkpointed():
-            keys = [o["Key"] for o in s3_client(s3.url, "k", "secret-k").list_objects_v2(
-                Bucket="hiccup").get("Contents", [])]
-            return any("/checkpoint_00000050/state.pt.sha256" in k for k in keys)
-
-        wait_for(checkpointed, proc, log)
+        wait_for(lambda: stored(s3, "hiccup", "/checkpoint_00000050/state.pt.sha256"), proc, log)
         ports = s3.info["ports"]
         s3.stop()
         time.sleep(30)
