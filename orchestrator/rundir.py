@@ -162,6 +162,10 @@ class RunDir:
     def checkpoint_file(self, checkpoint: str, file: str = CHECKPOINT_FILE) -> str:
         return self.path(checkpoint, file)
 
+    def checkpoint_records(self, checkpoint: str) -> list[dict]:
+        """The tracking records rank 0 had queued and not yet delivered when it wrote the checkpoint."""
+        return self.storage.read_json(self.checkpoint_file(checkpoint, BACKLOG_FILE)) or []
+
     def download_checkpoint(self, checkpoint: str, local: Path) -> Path:
         """A checkpoint's files (state, its checksum record, its backlog) into a local directory."""
         for file in (CHECKPOINT_FILE, CHECKPOINT_FILE + CHECKSUM_SUFFIX, BACKLOG_FILE):

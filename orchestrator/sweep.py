@@ -311,6 +311,7 @@ def publish_results(sweep: SweepPlan, storage: RunStorage, tracker: Tracker, par
     """The results table into the parent run (CSV, markdown, an MLflow table), the best trial tagged; what
     MLflow missed of the trials is replayed first, so the table reads what storage holds."""
     catch_up_experiment(storage, sweep.base.cfg.experiment.name, tracker)
+    catch_up_unfinished_trials(sweep, storage, tracker)
     s = sweep.base.cfg.sweep
     table = results_table(tracker, sweep.base.experiment_name, sweep, storage, errored)
     close_runs(tracker, table, sweep)
@@ -350,6 +351,23 @@ def catch_up_evaluations(sweep: SweepPlan, storage: RunStorage, tracker: Tracker
         print(f"[sweep] evaluating {sum(len(m) for _, _, m in todo)} new sample-time setting(s) on the final "
               f"checkpoints of {len(todo)} finished trial(s)", flush=True)
         evaluate_many(sweep.base.cfg, storage, tracker, todo, bpd=False, extra_tags={SWEEP_TAG: sweep.name})
+
+
+def catch_up_unfinished_trials(sweep: SweepPlan, storage: RunStorage, tracker: Tracker) -> None:
+    """A trial that ended without a result (ASHA stopped it, or it failed) ended where Tune killed its workers:
+    what its rank 0 had queued for MLflow then is in its last checkpoint only (ASHA stops a trial at the report of
+    a checkpoint, so on a busy machine that can be every loss it logged). It is delivered now (steps MLflow has
+    are skipped), or kept in the run's backlog for the next command that reaches MLflow."""
+    frame = runs_frame(tracker.client, sweep.base.experiment_name, sweep.name)
+    if not len(frame):
+        return
+    for name in frame.loc[frame["trial"].notna(), "run_dir"].dropna().unique():
+        run = RunDir(storage, name)
+        latest = run.latest_checkpoint()
+        if latest is None or run.read_result() is not None:
+            continue
+        if not run.backlog.deliver_or_keep(tracker, run.checkpoint_records(latest)):
+            print(run.backlog.behind_message(tracker.uri), flush=True)
 
 
 def results_table(tracker: Tracker, experiment: str, sweep: SweepPlan, storage: RunStorage,

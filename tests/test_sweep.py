@@ -175,14 +175,16 @@ def test_sweep_with_asha_nested_runs_table_and_resume(tmp_path, mlflow_server, l
     assert "Trial status:" not in r.stdout and "Reporting training result" not in r.stdout + r.stderr
 
 
-def test_a_trial_is_finished_when_storage_says_so_even_if_mlflow_is_behind(tmp_path):
-    """The sweep's table classes a trial by its result marker, the record of truth: a trial whose FINISHED
-    status is still queued for MLflow is finished, not stopped (nor tagged KILLED, nor left out of the best)."""
+def two_trials(tmp_path, finished: dict):
+    """An ASHA sweep's plan, storage, a real MLflow store and a training run per trial (patch size 2 and 4), each
+    with a first loss in MLflow; finished: patch size -> whether its result marker is in storage."""
+    from omegaconf import OmegaConf
+
     from orchestrator.lifecycle import load_experiment
     from orchestrator.records import KIND_TAG, OVERRIDES_TAG, STORAGE_TAG, SWEEP_TAG, TRIAL_TAG, flat_params
     from orchestrator.rundir import RunDir
     from orchestrator.storage import RunStorage
-    from orchestrator.sweep import best_trial, close_runs, results_table, sweep_of, trial_plan
+    from orchestrator.sweep import sweep_of, trial_plan
     from orchestrator.tracking import Tracker
 
     plan, _, _ = load_experiment(ASHA_SWEEP, TEST, require_data=False)
@@ -190,10 +192,9 @@ def test_a_trial_is_finished_when_storage_says_so_even_if_mlflow_is_behind(tmp_p
     storage = RunStorage(str(tmp_path / "store"))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp_id = tracker.experiment_id(plan.experiment_name)
-    base = {"base": json.loads(json.dumps(__import__("omegaconf").OmegaConf.to_container(plan.cfg, resolve=True))),
-            "source": plan.source}
-    ids = {}
-    for trial, (value, finished) in enumerate([(2, True), (4, False)]):
+    base = {"base": OmegaConf.to_container(plan.cfg, resolve=True), "source": plan.source}
+    ids, runs = {}, {}
+    for trial, (value, done) in enumerate(finished.items()):
         overrides = {sweep.train_axes[0].key: value}
         trial_run, _ = trial_plan({**base, "overrides": overrides}, {"config": {}})
         ids[value] = tracker.start_run(exp_id, trial_run.run_key, trial_run.display_name, flat_params(trial_run.cfg),
@@ -201,16 +202,52 @@ def test_a_trial_is_finished_when_storage_says_so_even_if_mlflow_is_behind(tmp_p
                                              OVERRIDES_TAG: json.dumps(overrides),
                                              STORAGE_TAG: json.dumps({"uri": storage.uri, "endpoint_url": None,
                                                                       "run_name": trial_run.run_name})})
-        tracker.client.log_metric(ids[value], "loss", 1.0 + value)
-        if finished:  # its result is in storage; MLflow's FINISHED is still in the queue: the run reads RUNNING
-            RunDir(storage, trial_run.run_name).write_result({"metrics": {"loss": 3.0}})
-    table = results_table(tracker, plan.experiment_name, sweep, storage)
+        tracker.client.log_metric(ids[value], "loss", 1.0 + value, step=10)
+        runs[value] = RunDir(storage, trial_run.run_name)
+        if done:  # its result is in storage; MLflow's FINISHED is still in the queue: the run reads RUNNING
+            runs[value].write_result({"metrics": {"loss": 3.0}})
+    return sweep, storage, tracker, ids, runs
+
+
+def test_a_trial_is_finished_when_storage_says_so_even_if_mlflow_is_behind(tmp_path):
+    """The sweep's table classes a trial by its result marker, the record of truth: a trial whose FINISHED
+    status is still queued for MLflow is finished, not stopped (nor tagged KILLED, nor left out of the best)."""
+    from orchestrator.sweep import best_trial, close_runs, results_table
+
+    sweep, storage, tracker, ids, _ = two_trials(tmp_path, {2: True, 4: False})
+    table = results_table(tracker, sweep.base.experiment_name, sweep, storage)
     status = dict(zip(table[sweep.train_axes[0].key].astype(str), table["status"]))
     assert status == {"2": "finished", "4": "stopped"}, table
     close_runs(tracker, table, sweep)
     assert tracker.client.get_run(ids[2]).info.status == "RUNNING"  # not KILLED: its own driver finishes it
     assert tracker.client.get_run(ids[4]).info.status == "KILLED"
     assert best_trial(table, "loss", "min")["run_id"] == ids[2]
+
+
+def test_a_stopped_trial_keeps_the_metrics_it_had_not_delivered(tmp_path):
+    """ASHA stops a trial at a report, and Tune kills its workers at once: the losses its rank 0 had queued for
+    MLflow then (on a busy machine, all of them) are only in the checkpoint of that report. The sweep's end
+    delivers them before it builds the table."""
+    from orchestrator.delivery import metric_record
+    from orchestrator.records import SWEEP_TAG
+    from orchestrator.rundir import BACKLOG_FILE, checkpoint_dir_name
+    from orchestrator.sweep import publish_results
+
+    sweep, storage, tracker, ids, runs = two_trials(tmp_path, {2: True, 4: False})
+    undelivered = [metric_record(ids[4], {"loss": 4.5}, 20), metric_record(ids[4], {"loss": 4.25}, 30)]
+    for step, records in ((20, undelivered[:1]), (30, undelivered)):  # each checkpoint: what was queued then
+        storage.write_text(runs[4].checkpoint_file(checkpoint_dir_name(step), BACKLOG_FILE), json.dumps(records))
+    parent = tracker.start_run(tracker.experiment_id(sweep.base.experiment_name), sweep.sweep_key,
+                               sweep.display_name, {}, tags={SWEEP_TAG: sweep.name})
+
+    table = publish_results(sweep, storage, tracker, parent, errored=set())
+    history = tracker.client.get_metric_history(ids[4], "loss")
+    assert sorted((m.step, m.value) for m in history) == [(10, 5.0), (20, 4.5), (30, 4.25)]
+    stopped = table[table["run_id"] == ids[4]]
+    assert set(stopped["status"]) == {"stopped"} and stopped["loss"].tolist() == [4.25] * len(stopped), table
+    assert tracker.client.get_run(ids[4]).info.status == "KILLED"
+    assert [m.step for m in tracker.client.get_metric_history(ids[2], "loss")] == [10]
+    assert not runs[4].backlog.exists()
 
 
 def files_holding(root, text: str) -> list[str]:
