@@ -363,8 +363,7 @@ def catch_up_unfinished_trials(sweep: SweepPlan, storage: RunStorage, tracker: T
         return
     for name in frame.loc[frame["trial"].notna(), "run_dir"].dropna().unique():
         run = RunDir(storage, name)
-        latest = run.latest_checkpoint()
-        if latest is None or run.read_result() is not None:
+        if run.read_result() is not None or (latest := run.latest_checkpoint()) is None:
             continue
         if not run.backlog.deliver_or_keep(tracker, run.checkpoint_records(latest)):
             print(run.backlog.behind_message(tracker.uri), flush=True)
