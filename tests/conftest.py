@@ -172,12 +172,11 @@ def ray_cluster_nodes(s3_server):
     of a real cluster do (credentials never travel in a job's config). Its address is pinned in RAY_ADDRESS and
     its head serves a dashboard of its own, so that Ray Train's helpers on it (the placement-group cleaner asks
     the state API whether a run's controller lives) never ask another Ray instance of this machine."""
-    from devservers import free_port
+    from devservers import free_ports
     from ray._private.services import get_node_ip_address
     from ray.cluster_utils import Cluster
 
-    gcs_port = free_port()
-    dashboard_port = next(p for p in iter(free_port, None) if p != gcs_port)
+    gcs_port, dashboard_port = free_ports(2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_ADDRESS", f"{get_node_ip_address()}:{gcs_port}")
         mp.delenv("RAY_GCS_SERVER_PORT", raising=False)

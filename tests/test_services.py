@@ -132,3 +132,14 @@ def test_start_failures_are_reported(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="s3-moto") as e:
             start_s3_server(tmp_path, kind="moto", timeout=20)
     assert "moto_server" in str(e.value) or "moto.server" in str(e.value)  # the logged command line
+
+
+def test_ports_picked_together_are_distinct():
+    """The local stack picks its Ray head's ports (GCS, dashboard, agents) at once: the OS hands a port that was
+    just released out again (2000 one-at-a-time picks here: 125 repeats), and one repeat made `ray start` find its
+    dashboard port taken by the MLflow server picked after it (a clean-clone CI run)."""
+    import devservers as services
+
+    ports = services.free_ports(300)
+    assert len(set(ports)) == 300
+    assert all(not port_is_open(p) for p in ports[:20])

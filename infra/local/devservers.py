@@ -13,6 +13,7 @@ tree (``mlflow server`` forks a uvicorn child, for example).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
@@ -31,6 +32,7 @@ from typing import Any
 __all__ = [
     "Service",
     "free_port",
+    "free_ports",
     "port_is_open",
     "start_s3_server",
     "start_mlflow_server",
@@ -137,9 +139,17 @@ class Service:
 # --------------------------------------------------------------------------- #
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports on 127.0.0.1 that were free a moment ago: all held while the OS picks them, since it
+    readily hands a port just released out again."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _port_bindable(port: int) -> bool:

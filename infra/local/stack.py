@@ -230,10 +230,9 @@ def _port_taken(port: int) -> bool:
     return False
 
 
-def _port(requested: int) -> int:
-    if requested == 0:
-        return services.free_port()
-    if _port_taken(requested):
+def _check_port(requested: int) -> int:
+    """A requested port that is taken fails before anything starts; 0 stays 0 (start_ray_head picks one)."""
+    if requested and _port_taken(requested):
         raise StackError(f"port {requested} on 127.0.0.1 is taken (another Ray dashboard?): pass "
                          "--dashboard-port 0 for a free one, or another port")
     return requested
@@ -253,7 +252,7 @@ def up(stack_dir: Path, num_cpus: int, dashboard_port: int, host: str, auth: str
             print(f"[stack] already up (state {stack_dir / STATE}); `down` first to restart it")
             return old
         raise StackError(f"a stack from {stack_dir / STATE} is partly running: run `down` first")
-    dashboard_port = _port(dashboard_port)  # before anything starts
+    dashboard_port = _check_port(dashboard_port)  # before anything starts
     stack_dir.mkdir(parents=True, exist_ok=True)
     logs = stack_dir / "logs"
     logs.mkdir(exist_ok=True)
@@ -308,7 +307,9 @@ def up(stack_dir: Path, num_cpus: int, dashboard_port: int, host: str, auth: str
 
 def start_ray_head(stack_dir: Path, state: dict, num_cpus: int, dashboard_port: int, host: str, auth: str,
                    object_store_mb: int, timeout: float = 120.0) -> None:
-    gcs_port = services.free_port()
+    # picked together, once S3 and MLflow listen: no port twice (Ray's fixed defaults collide with other heads)
+    gcs_port, free_dashboard, *agent_ports = services.free_ports(7)
+    dashboard_port = dashboard_port or free_dashboard
     # a short temp dir of our own: socket paths stay < 108 bytes, and the head's ray_current_cluster file
     # lives there instead of /tmp/ray (where other people's plain ray.init() would find it)
     temp_dir = tempfile.mkdtemp(prefix="tfstack-", dir="/tmp")
@@ -332,9 +333,8 @@ def start_ray_head(stack_dir: Path, state: dict, num_cpus: int, dashboard_port: 
             token_path.chmod(0o600)
         env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
         state["ray_auth_token_path"] = str(token_path)
-    ports = {name: services.free_port() for name in
-             ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-              "runtime-env-agent-port", "metrics-export-port")}  # Ray's fixed defaults collide with other heads
+    ports = dict(zip(("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                      "runtime-env-agent-port", "metrics-export-port"), agent_ports))
     cmd = [_ray_exe(), "start", "--head", f"--port={gcs_port}", f"--dashboard-host={host}",
            f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
            f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_mb * 1024 * 1024}",
